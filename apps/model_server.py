@@ -1,0 +1,62 @@
+"""The model deployment: a Serve replica hosting one :class:`ModelActor` (one vLLM engine).
+
+Replica resources and ``autoscaling_config`` come from the model's config; :func:`model_deployment`
+returns the bound deployment a tap's gateway calls through a streaming ``DeploymentHandle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.deployment import Application
+
+from actors.model import ModelActor
+from orch.config import ModelConfig
+from orch.engine import Delta, GenerationRequest
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(logging_config={"enable_access_log": False})
+class ModelServer:
+    async def __init__(self, config: dict[str, Any], data_dir: str) -> None:
+        self._actor = ModelActor(ModelConfig.model_validate(config), Path(data_dir))
+        await self._actor.start()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        async for delta in self._actor.generate(request):
+            yield delta
+
+    async def abort(self, request_id: str) -> None:
+        await self._actor.abort(request_id)
+
+    def stats(self) -> dict[str, int]:
+        s = self._actor.stats()
+        return {"running": s.running, "waiting": s.waiting, "unfinished": s.unfinished}
+
+    async def check_health(self) -> None:
+        await self._actor.check_health()
+
+    def __del__(self) -> None:
+        self._actor.shutdown()
+
+
+def model_deployment(config: ModelConfig, data_dir: Path) -> Application:
+    """Binds the deployment of one model with its resources and autoscaling from config."""
+    options: dict[str, Any] = {"num_cpus": config.num_cpus}
+    if config.num_gpus:
+        options["num_gpus"] = config.num_gpus
+    return ModelServer.options(  # type: ignore[attr-defined]
+        name="model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", config.name),
+        ray_actor_options=options,
+        autoscaling_config=config.autoscaling.serve_dict(),
+        max_ongoing_requests=config.max_ongoing_requests,
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=5,
+    ).bind(config.model_dump(), str(data_dir))

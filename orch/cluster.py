@@ -1,0 +1,130 @@
+"""The local Ray head that ``llama-orch up`` starts, owns and stops.
+
+The head runs in a daemon process of ours (``python -m orch.cluster``) that holds a
+``ray.init(address="local")`` driver: SIGTERM to it shuts down exactly that cluster, nothing else
+(never ``ray stop``, which kills every Ray on the machine). Its address lives in a state file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    gcs_address: str
+    pid: int
+    num_cpus: int
+    num_gpus: int
+    dashboard_url: str | None = None
+
+
+def state_file(data_dir: Path) -> Path:
+    return data_dir / "cluster.json"
+
+
+def read_state(data_dir: Path) -> ClusterState | None:
+    """The cluster this data dir's ``up`` started, if its daemon is still alive."""
+    try:
+        state = ClusterState(**json.loads(state_file(data_dir).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return state if _alive(state.pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_head(data_dir: Path, *, num_cpus: int, num_gpus: int, timeout_s: float = 120) -> ClusterState:
+    """Starts a head in a detached daemon and waits until it wrote its address."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = state_file(data_dir)
+    path.unlink(missing_ok=True)
+    log_path = data_dir / "cluster.log"
+    cmd = [sys.executable, "-m", "orch.cluster", "--state", str(path), "--num-cpus", str(num_cpus),
+           "--num-gpus", str(num_gpus)]  # fmt: skip
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Ray head exited with code {proc.returncode}; see {log_path}")
+        state = read_state(data_dir)
+        if state is not None:
+            return state
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"the Ray head did not start within {timeout_s:.0f} s; see {log_path}")
+
+
+def stop_head(state: ClusterState, timeout_s: float = 60) -> None:
+    """SIGTERMs the daemon (it shuts its cluster down) and waits for it to exit."""
+    try:
+        os.kill(state.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(state.pid):
+        time.sleep(0.2)
+    if _alive(state.pid):
+        os.killpg(state.pid, signal.SIGKILL)
+
+
+def _run_head(state_path: Path, num_cpus: int, num_gpus: int) -> None:
+    import ray
+
+    stop = False
+
+    def _on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    ctx = ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+    )
+    state = ClusterState(
+        gcs_address=ray.get_runtime_context().gcs_address,
+        pid=os.getpid(),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        dashboard_url=ctx.dashboard_url or None,
+    )
+    tmp = state_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state)))
+    os.replace(tmp, state_path)
+    while not stop:
+        time.sleep(0.5)
+    state_path.unlink(missing_ok=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="llama-orch's local Ray head daemon")
+    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--num-cpus", type=int, required=True)
+    parser.add_argument("--num-gpus", type=int, default=0)
+    ns = parser.parse_args()
+    _run_head(ns.state, ns.num_cpus, ns.num_gpus)

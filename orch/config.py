@@ -1,0 +1,186 @@
+"""Validated configuration for taps, models and the engine.
+
+Every model here is strict (``extra="forbid"``): a typo in a Serve config file fails with one line
+naming the field (:func:`load_args`), never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; its message is one line naming the field."""
+
+
+class EngineConfig(StrictModel):
+    """Settings handed to vLLM's ``AsyncEngineArgs``."""
+
+    max_model_len: int | None = Field(None, ge=16, description="Context length; None = the model's own.")
+    dtype: str = Field("auto", description="Weights/activation dtype: auto, bfloat16, float16, float32.")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1 << 20, description="KV cache size in bytes (CPU engines need it or VLLM_CPU_KVCACHE_SPACE)."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences the engine runs in one batch.")
+    tensor_parallel_size: int = Field(1, description="GPUs one engine spans; 1 on CPU.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")
+    seed: int = Field(0, description="Engine seed, for reproducible sampling when requests omit one.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment set in the replica before the engine starts (VLLM_*)."
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other AsyncEngineArgs field, passed through unchanged."
+    )
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "dtype": self.dtype,
+            "max_num_seqs": self.max_num_seqs,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enforce_eager": self.enforce_eager,
+            "seed": self.seed,
+        }
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = self.kv_cache_memory_bytes
+        return {**kwargs, **self.extra_args}
+
+
+class AutoscalingConfig(StrictModel):
+    """Serve ``autoscaling_config`` of one deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 scales to zero when idle.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; None = min.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds of sustained load before scaling up.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Seconds of low load before scaling down.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+    def serve_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+        if self.initial_replicas is not None:
+            out["initial_replicas"] = self.initial_replicas
+        return out
+
+
+class ModelConfig(StrictModel):
+    """One served model: its name on the API, where its weights come from, and how it scales."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="Name clients put in `model`.")
+    source: str = Field(
+        "default", description="'default' (SmolLM2-135M-Instruct, offline), a local folder, or a HF id."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica scaling.")
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs one replica reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs one replica reserves (0 on CPU).")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica accepts at once.")
+    stream_interval: int | None = Field(
+        None, ge=1, description="Tokens per streamed chunk after the first (vLLM stream_interval); None = 1."
+    )
+
+
+class GatewayConfig(StrictModel):
+    """The OpenAI-compatible ingress deployment."""
+
+    num_replicas: int = Field(1, ge=1, description="Gateway replicas (each a Serve ingress).")
+    num_cpus: float = Field(0.5, ge=0, description="Logical CPUs one gateway replica reserves.")
+    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one gateway replica accepts at once.")
+
+
+class TapConfig(StrictModel):
+    """Arguments of a tap application (``args:`` in a Serve config file).
+
+    >>> TapConfig.model_validate({"models": [{"name": "m"}]}).models[0].source
+    'default'
+    """
+
+    tap: Literal["public"] = Field("public", description="Which offer this app is.")
+    models: list[ModelConfig] = Field(min_length=1, description="Models served by this tap.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Ingress settings.")
+    data_dir: str | None = Field(
+        None, description="Where weights and state live; default $LLAMA_ORCH_DATA_DIR or ./.orch."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TapConfig:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError(f"model names must be unique, got {names}")
+        return self
+
+
+def load_args(model: type[StrictModel], args: dict[str, Any], where: str = "args") -> Any:
+    """Validates ``args`` into ``model``; raises :class:`ConfigError` with one line naming the field."""
+    try:
+        return model.model_validate(args)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, where, model)) from None
+
+
+def _one_line(exc: ValidationError, where: str, model: type[BaseModel]) -> str:
+    # A typo shows up as an unknown field plus a missing one; the unknown field is the one to name.
+    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    path = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if err["type"] == "extra_forbidden":
+        hint = _did_you_mean(model, err["loc"])
+        return f"config error: unknown field '{path}'{hint}{more}"
+    if err["type"] == "missing":
+        return f"config error: missing field '{path}'{more}"
+    return f"config error: {path}: {err['msg']}{more}"
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """Walks the models along ``loc`` to the parent of the unknown field and suggests a close field name."""
+    fields = model.model_fields
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        annotation = fields[str(part)].annotation if str(part) in fields else None
+        inner = next((a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)), annotation)
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return ""
+        fields = inner.model_fields
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a Serve config file and validates every llama-orch application's ``args``."""
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict) or not config.get("applications"):
+        raise ConfigError(f"config error: {path} has no 'applications'")
+    for i, app in enumerate(config["applications"]):
+        if str(app.get("import_path", "")).startswith("apps."):
+            load_args(TapConfig, app.get("args") or {}, where=f"applications[{i}].args")
+    return config
+
+
+def data_dir(configured: str | None = None) -> Path:
+    """The data directory: the configured one, else ``$LLAMA_ORCH_DATA_DIR``, else ``./.orch``."""
+    return Path(configured or os.environ.get("LLAMA_ORCH_DATA_DIR") or ".orch").resolve()

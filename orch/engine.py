@@ -1,0 +1,217 @@
+"""The engine seam: one interface, one real implementation on vLLM's ``AsyncLLM``.
+
+The gateway never touches vLLM; it sees :class:`GenerationRequest` in and :class:`Delta` out.
+Token counts come from the engine (prompt ids we tokenised and fed it, ids it generated), never
+re-estimated. Unit tests use the fake in ``tests/fakes.py``; integration tests use this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from orch.config import EngineConfig
+from orch.errors import APIError, EngineUnavailable, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What one completion asks of an engine; exactly one of ``messages`` and ``prompt`` is set."""
+
+    request_id: str
+    messages: list[dict[str, str]] | None = None
+    prompt: str | list[int] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of a completion: new text, cumulative token counts, and the finish reason on the last."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    unfinished: int
+
+
+class Engine(Protocol):
+    """What a model replica needs from an engine."""
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...
+
+
+class VLLMEngine:
+    """vLLM ``AsyncLLM`` behind the :class:`Engine` interface.
+
+    >>> engine = VLLMEngine("/path/to/model", EngineConfig(kv_cache_memory_bytes=1 << 30))  # doctest: +SKIP
+    >>> await engine.start()  # doctest: +SKIP
+    """
+
+    def __init__(self, model_path: str, config: EngineConfig, *, stream_interval: int | None = None) -> None:
+        self.model_path = model_path
+        self.config = config
+        self.stream_interval = stream_interval
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._max_model_len = 0
+        self._scheduler = _SchedulerCounts()
+
+    async def start(self) -> None:
+        for key, value in self.config.env.items():
+            os.environ[key] = value
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=self.model_path, **self.config.engine_kwargs())
+        counts = self._scheduler
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[counts.factory])
+        self._tokenizer = self._llm.get_tokenizer()
+        self._max_model_len = self._llm.model_config.max_model_len
+        log.info("vLLM engine up: %s, max_model_len=%d", self.model_path, self._max_model_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Token ids the engine will see: the chat template applied by the model's own tokenizer."""
+        if request.messages is not None:
+            text = self._tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            return list(self._tokenizer.encode(text, add_special_tokens=False))
+        if isinstance(request.prompt, list):
+            return list(request.prompt)
+        return list(self._tokenizer.encode(request.prompt or ""))
+
+    def _sampling_params(self, request: GenerationRequest, prompt_len: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        param = "messages" if request.messages is not None else "prompt"
+        room = self._max_model_len - prompt_len
+        if room < 1:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self._max_model_len} tokens; your prompt has {prompt_len}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        max_tokens = request.max_tokens if request.max_tokens is not None else room
+        if max_tokens > room:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self._max_model_len} tokens; your prompt has "
+                f"{prompt_len} and max_tokens is {max_tokens}. Lower max_tokens to at most {room}.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        optional = {
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "seed": request.seed,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+        }
+        return SamplingParams(
+            max_tokens=max_tokens,
+            stop=request.stop or None,
+            output_kind=RequestOutputKind.DELTA,
+            stream_interval=self.stream_interval,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Streams deltas; cancelling the iteration aborts the engine request (vLLM does it on cancel)."""
+        from vllm.exceptions import VLLMClientError
+
+        ids = self.prompt_ids(request)
+        params = self._sampling_params(request, len(ids))
+        produced = 0
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": ids}, params, request.request_id):
+                completion = out.outputs[0]
+                produced += len(completion.token_ids)
+                yield Delta(completion.text, len(ids), produced, completion.finish_reason)
+        except APIError:
+            raise
+        except VLLMClientError as exc:
+            raise InvalidRequest(str(exc)) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            log.warning("engine failed on %s: %s", request.request_id, type(exc).__name__)
+            raise EngineUnavailable("The model engine failed; retry later.", code="engine_error") from None
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineUnavailable("engine not started", code="engine_starting")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineUnavailable(f"engine unhealthy: {type(exc).__name__}", code="engine_dead") from None
+
+    def stats(self) -> EngineStats:
+        unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        return EngineStats(self._scheduler.running, self._scheduler.waiting, unfinished)
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
+class _SchedulerCounts:
+    """Receives vLLM's per-step scheduler stats (a stat logger) and keeps the latest counts."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        counts = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:  # fmt: skip
+                if scheduler_stats is not None:
+                    counts.running = scheduler_stats.num_running_reqs
+                    counts.waiting = scheduler_stats.num_waiting_reqs
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger(vllm_config, engine_index)

@@ -1,0 +1,88 @@
+"""OpenAI-shaped API errors.
+
+Every error the API returns is one of these, rendered as
+``{"error": {"message", "type", "param", "code"}}`` with its HTTP status (DESIGN invariant 7).
+Logic raises them; only the HTTP layer renders them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI error body.
+
+    >>> err = InvalidRequest("Invalid 'n': only n=1 is supported.", param="n", code="unsupported_value")
+    >>> err.status, err.body()["error"]["param"]
+    (400, 'n')
+    """
+
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.body(), separators=(",", ":")).encode()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keeps param/code when the error crosses a Ray process boundary.
+        return (_rebuild, (type(self), self.message, self.param, self.code))
+
+
+def _rebuild(cls: type[APIError], message: str, param: str | None, code: str | None) -> APIError:
+    return cls(message, param=param, code=code)
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "invalid_request_error"
+
+
+class InsufficientCredits(APIError):
+    status = 402
+    type = "insufficient_quota"
+
+
+class Forbidden(APIError):
+    status = 403
+    type = "invalid_request_error"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(APIError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class RateLimited(APIError):
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class EngineUnavailable(APIError):
+    status = 503
+    type = "service_unavailable_error"
+
+
+class InternalError(APIError):
+    status = 500
+    type = "server_error"

@@ -1,0 +1,292 @@
+"""OpenAI wire protocol: request models, validation errors, response and SSE chunk shapes.
+
+Request models accept unknown fields (clients send them) but refuse the known ones this server
+cannot honour, so nothing silently changes meaning. Responses are plain dicts in exactly the
+OpenAI shapes; ``tests/unit/test_protocol.py`` validates them against the ``openai`` package's types.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orch.errors import InvalidRequest
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Role
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return stop
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _refuse(self, *fields: str) -> None:
+        extra = self.model_extra or {}
+        for name in fields:
+            value = extra.get(name)
+            if value not in (None, False, [], {}):
+                raise InvalidRequest(
+                    f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter"
+                )
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions`` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _max_tokens_alias(self) -> ChatCompletionRequest:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def check_supported(self) -> None:
+        self._refuse("tools", "functions", "logprobs", "top_logprobs", "audio", "prediction")
+        fmt = (self.model_extra or {}).get("response_format")
+        if fmt not in (None, {"type": "text"}):
+            raise InvalidRequest(
+                "'response_format' other than text is not supported by this server.",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions`` body."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise ValueError("only one prompt per request is supported")
+            return prompt[0]
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    def check_supported(self) -> None:
+        self._refuse("echo", "logprobs", "suffix", "best_of")
+
+
+def parse_request(model: type[_Sampling], body: bytes) -> Any:
+    """Parses and validates a JSON body into ``model``; raises :class:`InvalidRequest` naming the parameter.
+
+    >>> parse_request(ChatCompletionRequest, b'{"model": "m"}').messages
+    Traceback (most recent call last):
+    ...
+    orch.errors.InvalidRequest: Missing required parameter: 'messages'.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be a JSON object.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    request.check_supported()  # type: ignore[attr-defined]
+    return request
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    """Maps the first pydantic error to an OpenAI-style message naming the parameter."""
+    err = exc.errors()[0]
+    param = _param_name([part for part in err["loc"] if _names_a_field(part)])
+    kind = err["type"]
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    got = err.get("input")
+    detail = err["msg"].removeprefix("Value error, ")
+    return InvalidRequest(
+        f"Invalid '{param}': {detail}. Got {json.dumps(got)[:80]} instead.", param=param, code="invalid_value"
+    )
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _names_a_field(part: Any) -> bool:
+    """Pydantic puts union members ("str", "list[TextPart]", "function-after[...]") in error locations."""
+    return isinstance(part, int) or (part.isidentifier() and part not in _TYPE_TAGS)
+
+
+def _param_name(loc: list[Any]) -> str:
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or "body"
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_completion(
+    request_id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage_dict(prompt_tokens, completion_tokens),
+    }
+
+
+def text_completion(
+    request_id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage_dict(prompt_tokens, completion_tokens),
+    }
+
+
+class ChunkWriter:
+    """Builds the SSE byte frames of one streamed completion, chat or text.
+
+    The first chat chunk carries ``role``; the last content chunk carries ``finish_reason``;
+    with ``include_usage`` every chunk has ``"usage": null`` and a final chunk has ``choices: []``
+    and the usage; then ``data: [DONE]``.
+    """
+
+    def __init__(self, *, chat: bool, request_id: str, model: str, include_usage: bool) -> None:
+        self.chat = chat
+        self.include_usage = include_usage
+        self._base: dict[str, Any] = {
+            "id": request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def _frame(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        chunk = {**self._base, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = usage
+        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+    def first(self) -> bytes:
+        """The opening chat chunk (role, empty content); text completions have none."""
+        if not self.chat:
+            return b""
+        delta = {"role": "assistant", "content": ""}
+        return self._frame([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def delta(self, text: str, finish_reason: str | None) -> bytes:
+        if self.chat:
+            delta = {"content": text} if text or finish_reason is None else {}
+            return self._frame([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+        return self._frame([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return self._frame([], usage_dict(prompt_tokens, completion_tokens))
+
+    @staticmethod
+    def error(body: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+    DONE = b"data: [DONE]\n\n"

@@ -1,0 +1,100 @@
+"""One real stack per test session: a Ray head of our own, Serve, the vLLM CPU engine, via `llama-orch up`.
+
+The stack is started from a copy of configs/local.yaml with a free port and the default model's
+folder; the session stops exactly what it started (`llama-orch down`), never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orch.models import DEFAULT_MODEL_NAME, materialise_default_model
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = DEFAULT_MODEL_NAME
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def local_config(port: int, model_dir: Path) -> dict[str, Any]:
+    """configs/local.yaml as shipped, on another port, with the already materialised model folder."""
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    config["http_options"]["port"] = port
+    for app in config["applications"]:
+        for model in app["args"]["models"]:
+            model["source"] = str(model_dir)
+    return config
+
+
+def cli(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orch.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@dataclass(frozen=True)
+class Stack:
+    base_url: str
+    data_dir: Path
+    gcs_address: str
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return materialise_default_model(REPO / ".orch", progress=False)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    data = tmp_path_factory.mktemp("orch-data")
+    port = free_port()
+    config_path = data / "local.yaml"
+    config_path.write_text(yaml.safe_dump(local_config(port, model_dir)))
+    env = {"RAY_ADDRESS": ""} if "RAY_ADDRESS" in os.environ else None
+    up = cli("--data-dir", str(data), "up", "--config", str(config_path), env=env)
+    try:
+        assert up.returncode == 0, f"llama-orch up failed:\n{up.stdout}\n{up.stderr[-4000:]}"
+        assert f"http://127.0.0.1:{port}/v1" in up.stdout
+        state = json.loads((data / "cluster.json").read_text())
+        yield Stack(f"http://127.0.0.1:{port}", data, state["gcs_address"])
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        down = cli("--data-dir", str(data), "down", timeout=120)
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="session")
+def ray_driver(stack: Stack) -> Iterator[None]:
+    """A driver connected to the stack's cluster, for Serve handles (engine stats)."""
+    import ray
+
+    ray.init(address=stack.gcs_address, namespace="serve", log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orch.config import ConfigError, EngineConfig, TapConfig, load_args, load_serve_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_local_yaml_validates() -> None:
+    config = load_serve_config(REPO / "configs" / "local.yaml")
+    args = config["applications"][0]["args"]
+    tap = TapConfig.model_validate(args)
+    assert tap.models[0].name == "smollm2-135m-instruct"
+    assert config["http_options"]["port"] == 8000
+
+
+def test_typo_fails_with_one_line_naming_the_field(tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    config["applications"][0]["args"]["models"][0]["autoscalling"] = {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as err:
+        load_serve_config(bad)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "applications[0].args.models[0].autoscalling" in message and "unknown field" in message
+
+
+def test_wrong_type_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"args\.models\[0\]\.num_cpus"):
+        load_args(TapConfig, {"models": [{"name": "m", "num_cpus": "lots"}]})
+
+
+def test_min_replicas_above_max_is_refused() -> None:
+    with pytest.raises(ConfigError, match="min_replicas"):
+        load_args(TapConfig, {"models": [{"name": "m", "autoscaling": {"min_replicas": 2, "max_replicas": 1}}]})
+
+
+def test_duplicate_model_names_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unique"):
+        load_args(TapConfig, {"models": [{"name": "m"}, {"name": "m"}]})
+
+
+def test_engine_kwargs_pass_extra_args_through() -> None:
+    kwargs = EngineConfig(max_model_len=512, extra_args={"block_size": 32}).engine_kwargs()
+    assert kwargs["max_model_len"] == 512 and kwargs["block_size"] == 32
+    assert "kv_cache_memory_bytes" not in kwargs
+
+
+def test_autoscaling_maps_to_serve() -> None:
+    tap = TapConfig.model_validate({"models": [{"name": "m", "autoscaling": {"min_replicas": 0, "max_replicas": 3}}]})
+    assert tap.models[0].autoscaling.serve_dict()["min_replicas"] == 0

@@ -1,0 +1,99 @@
+"""Gateway logic without Ray: error mapping and SSE framing over a fake stream (named as such)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from openai.types.chat import ChatCompletionChunk
+from ray.exceptions import ActorDiedError, RayTaskError
+
+from apps.gateway import _sse, api_error
+from orch.engine import Delta
+from orch.errors import EngineUnavailable, InvalidRequest
+from orch.protocol import ChunkWriter
+
+
+class FakeStream:
+    """Stands in for a DeploymentResponseGenerator: yields deltas, may fail, records cancel()."""
+
+    def __init__(self, deltas: list[Delta], fail_after: int | None = None) -> None:
+        self._deltas = deltas
+        self._fail_after = fail_after
+        self.cancelled = False
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._gen()
+
+    async def _gen(self) -> AsyncIterator[Delta]:
+        for i, delta in enumerate(self._deltas):
+            if self._fail_after is not None and i >= self._fail_after:
+                raise ActorDiedError()
+            yield delta
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def _drain(gen: AsyncIterator[bytes], limit: int | None = None) -> bytes:
+    out = b""
+    n = 0
+    async for part in gen:
+        out += part
+        n += 1
+        if limit is not None and n >= limit:
+            break
+    return out
+
+
+def _frames(raw: bytes) -> list[dict]:
+    return [json.loads(p[6:]) for p in raw.split(b"\n\n") if p.startswith(b"data: {")]
+
+
+def test_api_errors_pass_through_and_ray_failures_are_503() -> None:
+    err = InvalidRequest("bad", param="max_tokens")
+    assert api_error(err) is err
+    assert isinstance(api_error(ActorDiedError()), EngineUnavailable)
+    assert api_error(ActorDiedError()).status == 503
+    assert api_error(ValueError("boom")).status == 500
+    assert "boom" not in api_error(ValueError("boom")).message
+
+
+def test_api_error_unwraps_ray_task_errors() -> None:
+    cause = InvalidRequest("too long", param="max_tokens", code="context_length_exceeded")
+    wrapped = RayTaskError("generate", "traceback", cause)
+    err = api_error(wrapped)
+    assert (err.status, err.param, err.code) == (400, "max_tokens", "context_length_exceeded")
+
+
+def test_sse_streams_a_whole_completion() -> None:
+    first = Delta("Par", 10, 1)
+    stream = FakeStream([Delta("is", 10, 2), Delta(".", 10, 3, "stop")])
+    writer = ChunkWriter(chat=True, request_id="chatcmpl-x", model="m", include_usage=True)
+    raw = asyncio.run(_drain(_sse(writer, first, stream)))  # type: ignore[arg-type]
+    chunks = [ChatCompletionChunk.model_validate(f) for f in _frames(raw)]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Paris."
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert raw.endswith(b"data: [DONE]\n\n") and not stream.cancelled
+
+
+def test_sse_reports_engine_failure_in_band() -> None:
+    stream = FakeStream([Delta("a", 1, 2), Delta("b", 1, 3)], fail_after=1)
+    writer = ChunkWriter(chat=False, request_id="cmpl-x", model="m", include_usage=False)
+    raw = asyncio.run(_drain(_sse(writer, Delta("x", 1, 1), stream)))  # type: ignore[arg-type]
+    assert _frames(raw)[-1]["error"]["type"] == "service_unavailable_error"
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def test_sse_closed_early_cancels_the_engine_stream() -> None:
+    stream = FakeStream([Delta("b", 1, i) for i in range(2, 50)])
+    writer = ChunkWriter(chat=True, request_id="chatcmpl-x", model="m", include_usage=False)
+
+    async def client_goes_away() -> None:
+        gen = _sse(writer, Delta("a", 1, 1), stream)  # type: ignore[arg-type]
+        await _drain(gen, limit=3)
+        await gen.aclose()  # what the server does when the client disconnects
+
+    asyncio.run(client_goes_away())
+    assert stream.cancelled

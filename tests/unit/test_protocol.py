@@ -1,0 +1,131 @@
+"""Wire shapes and request validation; responses are checked against the openai package's own types."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from orch.errors import InvalidRequest
+from orch.protocol import (
+    ChatCompletionRequest,
+    ChunkWriter,
+    CompletionRequest,
+    chat_completion,
+    parse_request,
+    text_completion,
+)
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _raises(model: type, body: dict | bytes) -> InvalidRequest:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(model, raw)
+    return err.value
+
+
+def test_negative_max_tokens_names_the_parameter() -> None:
+    err = _raises(ChatCompletionRequest, {**CHAT, "max_tokens": -1})
+    assert (err.status, err.param, err.type) == (400, "max_tokens", "invalid_request_error")
+
+
+def test_missing_messages_is_missing_required_parameter() -> None:
+    err = _raises(ChatCompletionRequest, {"model": "m"})
+    assert err.param == "messages" and err.code == "missing_required_parameter"
+
+
+def test_body_not_json_is_400_without_param() -> None:
+    err = _raises(ChatCompletionRequest, b"{not json")
+    assert err.status == 400 and err.param is None and err.code == "invalid_json"
+
+
+def test_json_array_body_is_refused() -> None:
+    assert _raises(ChatCompletionRequest, b"[1, 2]").code == "invalid_json"
+
+
+def test_nested_errors_name_the_path() -> None:
+    err = _raises(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": 5}]})
+    assert err.param == "messages[0].content"
+    assert _raises(ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot"}]}).param == "messages[0].role"
+
+
+def test_only_one_choice() -> None:
+    assert _raises(ChatCompletionRequest, {**CHAT, "n": 2}).param == "n"
+
+
+def test_unsupported_features_are_refused_not_ignored() -> None:
+    assert _raises(ChatCompletionRequest, {**CHAT, "tools": [{"type": "function"}]}).param == "tools"
+    assert _raises(ChatCompletionRequest, {**CHAT, "logprobs": True}).param == "logprobs"
+    fmt = {**CHAT, "response_format": {"type": "json_object"}}
+    assert _raises(ChatCompletionRequest, fmt).param == "response_format"
+    assert _raises(CompletionRequest, {"model": "m", "prompt": "x", "echo": True}).param == "echo"
+
+
+def test_unknown_fields_are_accepted() -> None:
+    req = parse_request(ChatCompletionRequest, json.dumps({**CHAT, "user": "u", "metadata": {"a": 1}}).encode())
+    assert req.messages[0].text() == "hi"
+
+
+def test_max_completion_tokens_is_an_alias() -> None:
+    req = parse_request(ChatCompletionRequest, json.dumps({**CHAT, "max_completion_tokens": 7}).encode())
+    assert req.max_tokens == 7
+
+
+def test_text_parts_are_joined() -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+    }
+    assert parse_request(ChatCompletionRequest, json.dumps(body).encode()).messages[0].text() == "ab"
+
+
+def test_completion_prompt_forms() -> None:
+    assert parse_request(CompletionRequest, b'{"model":"m","prompt":["one"]}').prompt == "one"
+    assert parse_request(CompletionRequest, b'{"model":"m","prompt":[1,2,3]}').prompt == [1, 2, 3]
+    assert _raises(CompletionRequest, {"model": "m", "prompt": ["a", "b"]}).param == "prompt"
+
+
+def test_stop_as_string_or_list() -> None:
+    assert parse_request(ChatCompletionRequest, json.dumps({**CHAT, "stop": "x"}).encode()).stop_list() == ["x"]
+    assert parse_request(ChatCompletionRequest, json.dumps({**CHAT, "stop": ["a", "b"]}).encode()).stop_list() == [
+        "a",
+        "b",
+    ]
+
+
+def test_non_stream_bodies_match_openai_types() -> None:
+    chat = ChatCompletion.model_validate(chat_completion("chatcmpl-1", "m", "Paris.", "stop", 10, 3))
+    assert chat.usage is not None and chat.usage.total_tokens == 13
+    text = Completion.model_validate(text_completion("cmpl-1", "m", " Paris", "length", 5, 8))
+    assert text.choices[0].text == " Paris"
+
+
+def _frames(raw: bytes) -> list[dict]:
+    return [json.loads(part[6:]) for part in raw.split(b"\n\n") if part.startswith(b"data: {")]
+
+
+def test_chat_chunks_role_first_finish_last_usage_after() -> None:
+    w = ChunkWriter(chat=True, request_id="chatcmpl-1", model="m", include_usage=True)
+    raw = w.first() + w.delta("Par", None) + w.delta("is.", "stop") + w.usage(10, 2) + w.DONE
+    frames = [ChatCompletionChunk.model_validate(f) for f in _frames(raw)]
+    assert frames[0].choices[0].delta.role == "assistant"
+    assert [f.choices[0].finish_reason for f in frames[:-1]] == [None, None, "stop"]
+    assert all(f.usage is None for f in frames[:-1])
+    assert frames[-1].choices == [] and frames[-1].usage is not None and frames[-1].usage.completion_tokens == 2
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def test_chunks_omit_usage_key_without_include_usage() -> None:
+    w = ChunkWriter(chat=True, request_id="chatcmpl-1", model="m", include_usage=False)
+    assert all("usage" not in f for f in _frames(w.first() + w.delta("a", "stop")))
+
+
+def test_text_completion_chunks() -> None:
+    w = ChunkWriter(chat=False, request_id="cmpl-1", model="m", include_usage=False)
+    assert w.first() == b""
+    frame = _frames(w.delta(" Paris", "length"))[0]
+    assert Completion.model_validate(frame).choices[0].finish_reason == "length"
