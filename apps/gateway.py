@@ -136,6 +136,8 @@ class Gateway:
             seed=req.seed,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
             **prompt,
         )
         stream: DeploymentResponseGenerator = handle.options(stream=True).generate.remote(gen)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from orch.cluster import read_state, start_head, state_file, stop_head
+from orch.cluster import ClusterState, read_state, start_head, state_file, stop_head, use_cluster
 from orch.config import ConfigError, data_dir, load_serve_config
 
 DEFAULT_CONFIG = "configs/local.yaml"
@@ -65,7 +66,7 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
         state = start_head(root, num_cpus=num_cpus, num_gpus=num_gpus)
         started = True
     address = address or (state.gcs_address if state else None)
-    _connect(address)
+    _connect(address, state)
     _deploy(config)
     _record_up(root, config, started)
     base = _base_url(config)
@@ -97,11 +98,13 @@ def _materialise_sources(config: dict[str, Any], root: Path) -> None:
                 return
 
 
-def _connect(address: str | None) -> None:
+def _connect(address: str | None, state: ClusterState | None) -> None:
+    if state is not None and address == state.gcs_address:
+        use_cluster(state)
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or "auto", namespace="serve", log_to_driver=False, logging_level="WARNING")
+        ray.init(address=address or "auto", namespace="serve", log_to_driver=False, logging_level=logging.WARNING)
 
 
 def _deploy(config: dict[str, Any]) -> None:
@@ -173,11 +176,13 @@ def cmd_status(root: Path) -> int:
     if address is None:
         print("no llama-orch cluster is running for data dir", root)
         return 1
-    _connect(address)
+    _connect(address, state)
     from ray import serve
 
     status = serve.status()
     print(f"ray: {address}" + (f" (started by up, pid {state.pid})" if state else ""))
+    if state is not None:
+        print("ray/serve CLI env: " + " ".join(f"{k}={v}" for k, v in state.client_env().items()))
     for name, app in status.applications.items():
         print(f"app {name}: {app.status}")
         for dep_name, dep in app.deployments.items():
@@ -204,7 +209,7 @@ def cmd_down(root: Path) -> int:
         stop_head(state)
         print(f"stopped the Ray head started by up (pid {state.pid})")
     elif record is not None:
-        _connect(os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None))
+        _connect(os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None), state)
         from ray import serve
 
         for name in record["apps"]:

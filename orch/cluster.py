@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +25,31 @@ class ClusterState:
     pid: int
     num_cpus: int
     num_gpus: int
+    auth_token_path: str
     dashboard_url: str | None = None
+
+    def client_env(self) -> dict[str, str]:
+        """Environment a Ray client (driver, `ray`/`serve` CLI) needs to reach this cluster."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.auth_token_path}
+
+
+def use_cluster(state: ClusterState) -> None:
+    """Points this process's Ray client at ``state``'s cluster (its auth token), even if ray is imported."""
+    os.environ.update(state.client_env())
+    if "ray" in sys.modules:
+        from ray._raylet import Config  # type: ignore[attr-defined]  # Ray reads RAY_AUTH_MODE once; re-read it as Ray itself does.
+
+        Config.initialize("")
+
+
+def _auth_token(data_dir: Path) -> Path:
+    """The cluster's token file (0600): Ray token auth on, without touching the user's ~/.ray."""
+    path = data_dir / "ray_auth_token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(uuid.uuid4().hex)
+    return path
 
 
 def state_file(data_dir: Path) -> Path:
@@ -56,10 +81,11 @@ def start_head(data_dir: Path, *, num_cpus: int, num_gpus: int, timeout_s: float
     path = state_file(data_dir)
     path.unlink(missing_ok=True)
     log_path = data_dir / "cluster.log"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_auth_token(data_dir))}
     cmd = [sys.executable, "-m", "orch.cluster", "--state", str(path), "--num-cpus", str(num_cpus),
            "--num-gpus", str(num_gpus)]  # fmt: skip
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -110,6 +136,7 @@ def _run_head(state_path: Path, num_cpus: int, num_gpus: int) -> None:
         pid=os.getpid(),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        auth_token_path=os.environ["RAY_AUTH_TOKEN_PATH"],
         dashboard_url=ctx.dashboard_url or None,
     )
     tmp = state_path.with_suffix(".tmp")

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orch.models import default_data_dir
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -27,7 +29,11 @@ class EngineConfig(StrictModel):
     """Settings handed to vLLM's ``AsyncEngineArgs``."""
 
     max_model_len: int | None = Field(None, ge=16, description="Context length; None = the model's own.")
-    dtype: str = Field("auto", description="Weights/activation dtype: auto, bfloat16, float16, float32.")
+    dtype: str = Field(
+        "auto",
+        description="Weights/activation dtype: auto, bfloat16, float16, float32. On CPUs without AVX512-BF16, "
+        "auto means float32 (vLLM's bf16 CPU kernels give wrong results there).",
+    )
     kv_cache_memory_bytes: int | None = Field(
         None, ge=1 << 20, description="KV cache size in bytes (CPU engines need it or VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -183,4 +189,4 @@ def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def data_dir(configured: str | None = None) -> Path:
     """The data directory: the configured one, else ``$LLAMA_ORCH_DATA_DIR``, else ``./.orch``."""
-    return Path(configured or os.environ.get("LLAMA_ORCH_DATA_DIR") or ".orch").resolve()
+    return Path(configured).expanduser().resolve() if configured else default_data_dir()

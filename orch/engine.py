@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from orch.config import EngineConfig
 from orch.errors import APIError, EngineUnavailable, InvalidRequest
+from orch.models import default_engine_dtype
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class GenerationRequest:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +94,18 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(model=self.model_path, **self.config.engine_kwargs())
+        kwargs = self.config.engine_kwargs()
+        if kwargs["dtype"] == "auto":
+            # vLLM's "auto" picks bf16 on CPUs, which is wrong without AVX512-BF16 (see default_engine_dtype).
+            kwargs["dtype"] = default_engine_dtype()
+        args = AsyncEngineArgs(model=self.model_path, **kwargs)
         counts = self._scheduler
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[counts.factory])
         self._tokenizer = self._llm.get_tokenizer()
         self._max_model_len = self._llm.model_config.max_model_len
-        log.info("vLLM engine up: %s, max_model_len=%d", self.model_path, self._max_model_len)
+        log.info(
+            "vLLM engine up: %s, dtype=%s, max_model_len=%d", self.model_path, kwargs["dtype"], self._max_model_len
+        )
 
     @property
     def max_model_len(self) -> int:
@@ -131,7 +140,7 @@ class VLLMEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        optional = {
+        optional: dict[str, Any] = {
             "temperature": request.temperature,
             "top_p": request.top_p,
             "seed": request.seed,
@@ -141,6 +150,8 @@ class VLLMEngine:
         return SamplingParams(
             max_tokens=max_tokens,
             stop=request.stop or None,
+            ignore_eos=request.ignore_eos,
+            min_tokens=min(request.min_tokens, max_tokens),
             output_kind=RequestOutputKind.DELTA,
             stream_interval=self.stream_interval,
             **{k: v for k, v in optional.items() if v is not None},

@@ -49,7 +49,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(_Request):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions (``ignore_eos`` and ``min_tokens`` are vLLM's extensions)."""
 
     model: str = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -60,6 +60,8 @@ class _Sampling(_Request):
     n: int = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from orch.cluster import read_state, use_cluster
 from orch.models import DEFAULT_MODEL_NAME, materialise_default_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +58,7 @@ class Stack:
     base_url: str
     data_dir: Path
     gcs_address: str
+    client_env: dict[str, str]
 
     @property
     def v1(self) -> str:
@@ -80,7 +82,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
         assert up.returncode == 0, f"llama-orch up failed:\n{up.stdout}\n{up.stderr[-4000:]}"
         assert f"http://127.0.0.1:{port}/v1" in up.stdout
         state = json.loads((data / "cluster.json").read_text())
-        yield Stack(f"http://127.0.0.1:{port}", data, state["gcs_address"])
+        client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["auth_token_path"]}
+        yield Stack(f"http://127.0.0.1:{port}", data, state["gcs_address"], client_env)
     finally:
         import ray
 
@@ -95,6 +98,7 @@ def ray_driver(stack: Stack) -> Iterator[None]:
     """A driver connected to the stack's cluster, for Serve handles (engine stats)."""
     import ray
 
+    use_cluster(read_state(stack.data_dir))  # type: ignore[arg-type]
     ray.init(address=stack.gcs_address, namespace="serve", log_to_driver=False, logging_level="WARNING")
     yield
     ray.shutdown()
