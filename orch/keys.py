@@ -1,0 +1,107 @@
+"""API keys: ``sk-orch-<key_id>-<secret>``, shown once, stored only as a hash of the secret.
+
+>>> key_id, raw = generate_key()
+>>> parse_key(raw)[0] == key_id
+True
+>>> stored = hash_secret(parse_key(raw)[1])
+>>> verify(raw, stored), verify(raw[:-1] + "x", stored)
+(True, False)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+PREFIX = "sk-orch-"
+KEY_ID_BYTES = 10  # 16 base32 characters: 80 random bits, collisions negligible, short enough to log
+SECRET_BYTES = 32  # 52 base32 characters: 256 random bits
+ADMIN_KEY_ID = "admin"  # never a generated key_id (those are 16 characters long)
+ADMIN_KEY_ENV = "LLAMA_ORCH_ADMIN_KEY"
+ADMIN_KEY_FILE = "admin_key"
+_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")  # lower-case base32: no '-', url-safe
+
+
+class InvalidKey(ValueError):
+    """The string is not an ``sk-orch-<key_id>-<secret>`` key. The message never contains the key."""
+
+
+def _token(nbytes: int) -> str:
+    return base64.b32encode(secrets.token_bytes(nbytes)).decode("ascii").rstrip("=").lower()
+
+
+def generate_key() -> tuple[str, str]:
+    """A new key: ``(key_id, raw_key)``. Show ``raw_key`` once; store ``hash_secret(secret)``."""
+    key_id = _token(KEY_ID_BYTES)
+    return key_id, f"{PREFIX}{key_id}-{_token(SECRET_BYTES)}"
+
+
+def parse_key(raw: str) -> tuple[str, str]:
+    """``(key_id, secret)`` of a raw key; raises ``InvalidKey`` on anything else."""
+    if not isinstance(raw, str) or not raw.startswith(PREFIX):
+        raise InvalidKey("not an sk-orch- key")
+    key_id, sep, secret = raw[len(PREFIX) :].partition("-")
+    if not sep or not key_id or len(secret) < 32 or not _ALPHABET.issuperset(secret):
+        raise InvalidKey("malformed sk-orch- key")
+    if key_id != ADMIN_KEY_ID and (len(key_id) != 16 or not _ALPHABET.issuperset(key_id)):
+        raise InvalidKey("malformed sk-orch- key id")
+    return key_id, secret
+
+
+def hash_secret(secret: str, pepper: bytes | None = None) -> str:
+    """Hex digest to store. Plain SHA-256 suffices because secrets carry 256 random bits: no dictionary
+    or brute force can invert it, so a slow password hash would only slow every request. A server
+    ``pepper`` (HMAC key kept outside the database) additionally makes a stolen DB file useless alone."""
+    data = secret.encode("ascii")
+    if pepper:
+        return hmac.new(pepper, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify(raw: str, stored_hash: str, pepper: bytes | None = None) -> bool:
+    """Whether ``raw``'s secret hashes to ``stored_hash``, compared in constant time."""
+    try:
+        _, secret = parse_key(raw)
+    except InvalidKey:
+        return False
+    return hmac.compare_digest(hash_secret(secret, pepper), stored_hash)
+
+
+def load_or_create_admin_key(data_dir: str | Path) -> str:
+    """The admin key: ``$LLAMA_ORCH_ADMIN_KEY`` if set, else ``<data_dir>/admin_key`` (mode 0600),
+    generated there on first use. The file is a credential like an SSH key; it never enters the DB."""
+    from_env = os.environ.get(ADMIN_KEY_ENV, "").strip()
+    if from_env:
+        return from_env
+    path = Path(data_dir) / ADMIN_KEY_FILE
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise PermissionError(f"{path} is readable by others; chmod 600 it")
+        return path.read_text(encoding="ascii").strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = f"{PREFIX}{ADMIN_KEY_ID}-{_token(SECRET_BYTES)}"
+    # Written whole to a private temp file (mkstemp creates it 0600), then linked into place: readers
+    # never see a partial key, and of two racing first starts exactly one key wins.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".admin_key.")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_text(encoding="ascii").strip()
+    finally:
+        os.unlink(tmp)
+    return key
+
+
+def is_admin_key(raw: str, admin_key: str) -> bool:
+    """Constant-time comparison of a presented bearer token with the admin key."""
+    return hmac.compare_digest(raw.encode("utf-8", "replace"), admin_key.encode("utf-8", "replace"))

@@ -1,0 +1,547 @@
+"""Prepaid-credit ledger: the money rules as a deterministic state machine, no I/O.
+
+Amounts are integer micro-credits (``MICRO`` per credit). Every mutation is an op with an ``op_id``;
+``Ledger.apply(op)`` returns a ``Result`` whose ``code`` says what happened. Only ``Code.OK`` changes
+state; those (op, result) pairs are what the store persists and what ``Ledger.replay`` re-applies.
+There is no refund op.
+
+>>> from datetime import datetime, timezone
+>>> t0 = datetime(2025, 1, 31, tzinfo=timezone.utc)
+>>> ledger = Ledger(clock=lambda: t0)
+>>> ledger.apply(CreateTenant("op-1", "acme", "Acme")).code
+<Code.OK: 'ok'>
+>>> ledger.apply(GrantCredits("op-2", "acme", 5 * MICRO)).expires_at
+datetime.datetime(2026, 1, 31, 0, 0, tzinfo=datetime.timezone.utc)
+>>> ledger.apply(Hold("hold-1", "acme", 2 * MICRO, timeout_s=600)).code
+<Code.OK: 'ok'>
+>>> ledger.apply(Settle("settle-1", "hold-1", 1_500_000)).released
+500000
+>>> ledger.account("acme").balance
+3500000
+"""
+
+from __future__ import annotations
+
+import calendar
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import NamedTuple
+
+MICRO = 1_000_000  # micro-credits per credit
+TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
+GRANT_MONTHS = 12
+MAX_MICRO_CREDITS = 10**18  # per op; keeps every amount and sum inside the store's BIGINT
+MAX_HOLD_TIMEOUT_S = 7 * 86_400
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Code(StrEnum):
+    """What an op did. Only ``OK`` changed state; ``EXISTS`` is the first result, replayed."""
+
+    OK = "ok"
+    EXISTS = "exists"  # same op_id, same content: the first result is returned, nothing changes
+    EXISTS_DIFFERENT = "exists_different"  # same op_id, different content: refused
+    TENANT_EXISTS = "tenant_exists"
+    TENANT_NOT_FOUND = "tenant_not_found"
+    INVALID_AMOUNT = "invalid_amount"
+    INVALID_TIMEOUT = "invalid_timeout"
+    INSUFFICIENT_CREDITS = "insufficient_credits"
+    HOLD_NOT_FOUND = "hold_not_found"
+    HOLD_SETTLED = "hold_settled"  # the hold already ended by a settle (under another op_id)
+    HOLD_RELEASED = "hold_released"
+    HOLD_EXPIRED = "hold_expired"  # timed out: it can no longer be settled, only released or expired
+    SETTLE_EXCEEDS_HOLD = "settle_exceeds_hold"
+
+
+# ---- ops: immutable records, compared by type and content to tell EXISTS from EXISTS_DIFFERENT ----
+# NamedTuples, not frozen dataclasses: 4x cheaper to build, and the hot path builds two per request.
+
+
+class CreateTenant(NamedTuple):
+    op_id: str
+    tenant_id: str
+    name: str
+
+
+class GrantCredits(NamedTuple):
+    """Adds a grant; its ``grant_id`` is the op_id. Expires ``GRANT_MONTHS`` after it is applied."""
+
+    op_id: str
+    tenant_id: str
+    micro_credits: int
+
+
+class Hold(NamedTuple):
+    """Reserves ``micro_credits`` (≥ 0); its ``hold_id`` is the op_id. Times out after ``timeout_s``."""
+
+    op_id: str
+    tenant_id: str
+    micro_credits: int
+    timeout_s: int
+
+
+class Settle(NamedTuple):
+    """Debits ``micro_credits`` (≤ the hold) from the hold's allocation and releases the rest."""
+
+    op_id: str
+    hold_id: str
+    micro_credits: int
+
+
+class Release(NamedTuple):
+    op_id: str
+    hold_id: str
+
+
+class ExpireHolds(NamedTuple):
+    """Releases every open hold whose ``expires_at`` ≤ now; forgets op ids past the idempotency window."""
+
+    op_id: str
+
+
+Op = CreateTenant | GrantCredits | Hold | Settle | Release | ExpireHolds
+
+
+class Result(NamedTuple):
+    code: Code
+    op_id: str
+    at: datetime  # when the op was (first) applied; replay re-applies at this instant
+    tenant_id: str = ""
+    micro_credits: int = 0  # granted / held / debited by this op
+    released: int = 0  # freed by settle (hold − debit), release, or expire_holds
+    expires_at: datetime | None = None  # of the new grant or hold
+    hold_ids: tuple[str, ...] = ()  # expire_holds: the holds it ended
+    available: int = 0  # INSUFFICIENT_CREDITS: the balance the hold could not fit in
+
+    @property
+    def ok(self) -> bool:
+        return self.code is Code.OK or self.code is Code.EXISTS
+
+
+# ---- pure money functions ----
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Micro-credits per 1M input (prompt) tokens and per 1M output (completion) tokens."""
+
+    input_per_m: int
+    output_per_m: int
+
+    def __post_init__(self) -> None:
+        for v in (self.input_per_m, self.output_per_m):
+            if type(v) is not int or v < 0:
+                raise ValueError(f"price must be a non-negative int of micro-credits per 1M tokens: {v!r}")
+
+
+def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
+    """Cost in micro-credits, rounded UP once on the total (never under-charges, over-charges < 1 µc).
+
+    >>> cost(Price(input_per_m=150_000, output_per_m=600_000), 1, 1)  # 0.75 µc exact
+    1
+    >>> cost(Price(150_000, 600_000), 1_000_000, 0)
+    150000
+    """
+    if (
+        type(prompt_tokens) is not int
+        or type(completion_tokens) is not int
+        or min(prompt_tokens, completion_tokens) < 0
+    ):
+        raise ValueError(f"token counts are non-negative ints: {prompt_tokens!r}, {completion_tokens!r}")
+    exact_times_m = price.input_per_m * prompt_tokens + price.output_per_m * completion_tokens
+    return -(-exact_times_m // TOKENS_PER_PRICE_UNIT)
+
+
+def max_cost(price: Price, prompt_tokens: int, max_tokens: int) -> int:
+    """The hold for a request: its cost if it generates all ``max_tokens`` (ceil is monotonic, so
+    ``cost(price, p, c) <= max_cost(price, p, m)`` for every ``c <= m``)."""
+    return cost(price, prompt_tokens, max_tokens)
+
+
+def add_months(at: datetime, months: int) -> datetime:
+    """Same day-of-month and time ``months`` later, clamped to the month's last day (Feb 29 → Feb 28).
+
+    >>> add_months(datetime(2024, 2, 29, 12, tzinfo=UTC), 12)
+    datetime.datetime(2025, 2, 28, 12, 0, tzinfo=datetime.timezone.utc)
+    """
+    month0 = at.month - 1 + months
+    year, month = at.year + month0 // 12, month0 % 12 + 1
+    return at.replace(year=year, month=month, day=min(at.day, calendar.monthrange(year, month)[1]))
+
+
+def grant_expiry(granted_at: datetime) -> datetime:
+    """A grant is live while ``now < grant_expiry(granted_at)``; expired from that instant on."""
+    return add_months(granted_at, GRANT_MONTHS)
+
+
+# ---- read-only views ----
+
+
+@dataclass(frozen=True, slots=True)
+class GrantBalance:
+    grant_id: str
+    micro_credits: int
+    spent: int
+    reserved: int
+    remaining: int  # free to hold now; 0 once expired (the rest is forfeit)
+    granted_at: datetime
+    expires_at: datetime
+    expired: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OpenHold:
+    hold_id: str
+    micro_credits: int
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    tenant_id: str
+    name: str
+    balance: int  # Σ remaining of live grants: what new holds can take
+    held: int  # Σ open holds
+    spent: int  # Σ settled debits, all time
+    grants: tuple[GrantBalance, ...]  # in burn order
+    holds: tuple[OpenHold, ...]
+
+
+# ---- mutable internal state ----
+# Kept mutable and private on purpose: the hot path (hold + settle) must stay allocation-light to reach
+# tens of thousands of pairs per second; everything that leaves the Ledger is an immutable record.
+
+
+class _Grant:
+    __slots__ = ("grant_id", "micro_credits", "granted_at", "expires_at", "spent", "reserved")
+
+    def __init__(self, grant_id: str, micro_credits: int, granted_at: datetime) -> None:
+        self.grant_id, self.micro_credits, self.granted_at = grant_id, micro_credits, granted_at
+        self.expires_at = grant_expiry(granted_at)
+        self.spent = 0
+        self.reserved = 0
+
+
+_OK = Code.OK  # enum attribute lookups cost ~100 ns on 3.11; the hot path pays them per op
+_OPEN, _SETTLED, _RELEASED, _EXPIRED = 0, 1, 2, 3
+_ENDED_CODE = {_SETTLED: Code.HOLD_SETTLED, _RELEASED: Code.HOLD_RELEASED, _EXPIRED: Code.HOLD_EXPIRED}
+
+
+class _Hold:
+    __slots__ = ("hold_id", "tenant", "micro_credits", "created_at", "expires_at", "allocation", "state", "debited")
+
+    def __init__(
+        self,
+        hold_id: str,
+        tenant: _Tenant,
+        micro_credits: int,
+        created_at: datetime,
+        expires_at: datetime,
+        allocation: list[tuple[_Grant, int]],
+    ) -> None:
+        self.hold_id, self.tenant, self.micro_credits = hold_id, tenant, micro_credits
+        self.created_at, self.expires_at, self.allocation = created_at, expires_at, allocation
+        self.state = _OPEN
+        self.debited = 0
+
+
+class _Tenant:
+    __slots__ = ("tenant_id", "name", "grants", "burnable", "open_holds", "spent")
+
+    def __init__(self, tenant_id: str, name: str) -> None:
+        self.tenant_id, self.name = tenant_id, name
+        self.grants: list[_Grant] = []  # all, in burn order (expiry, then grant order)
+        self.burnable: list[_Grant] = []  # the same minus grants that can never be held from again
+        self.open_holds: dict[str, _Hold] = {}
+        self.spent = 0
+
+
+class Ledger:
+    """In-memory state machine over ops. Not thread-safe: one caller serialises ``apply``.
+
+    Op ids of holds and of the ops that ended them are remembered for ``idempotency_window`` after the
+    hold ended (then ``ExpireHolds`` forgets them, so memory stays bounded); tenant and grant op ids
+    are remembered forever, so a grant can never be applied twice.
+
+    The process that hosts a busy Ledger should raise the GC's young-generation threshold (e.g.
+    ``gc.set_threshold(50_000, 20, 100)``) and ``gc.freeze()`` after replay: with CPython's defaults
+    the collector rescans the ledger's many live objects so often that throughput halves
+    (benchmarks/bench_ledger.py measures both).
+    """
+
+    def __init__(
+        self, clock: Callable[[], datetime] = utc_now, idempotency_window: timedelta = timedelta(days=1)
+    ) -> None:
+        self.clock = clock
+        self.idempotency_window = idempotency_window
+        self._tenants: dict[str, _Tenant] = {}
+        self._holds: dict[str, _Hold] = {}
+        self._done: dict[str, tuple[Op, Result]] = {}  # op_id → first (op, OK result)
+        self._expiry_heap: list[tuple[datetime, str]] = []  # (expires_at, hold_id), ended ones popped lazily
+        self._forgettable: deque[tuple[datetime, str]] = deque()  # (ended_at, op_id) in end order
+        self._timeouts: dict[int, timedelta] = {}
+        self._debited = 0  # Σ settled debits, all time
+        self._forgotten_debits = 0  # Σ debits of settled holds no longer in _holds
+        self._handlers: dict[type, Callable[..., Result]] = {
+            CreateTenant: self._create_tenant,
+            GrantCredits: self._grant,
+            Hold: self._hold,
+            Settle: self._settle,
+            Release: self._release,
+            ExpireHolds: self._expire_holds,
+        }
+
+    # ---- mutations ----
+
+    def apply(self, op: Op, now: datetime | None = None) -> Result:
+        """Applies ``op`` at ``now`` (default: the clock). Idempotent by ``op.op_id``."""
+        prior = self._done.get(op.op_id)
+        if prior is not None:
+            if type(prior[0]) is type(op) and prior[0] == op:
+                return prior[1]._replace(code=Code.EXISTS)
+            return Result(Code.EXISTS_DIFFERENT, op.op_id, prior[1].at, prior[1].tenant_id)
+        if now is None:
+            now = self.clock()
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware (UTC)")
+        handler = self._handlers.get(type(op))
+        if handler is None:
+            raise TypeError(f"not a ledger op: {op!r}")
+        result: Result = handler(op, now)
+        if result.code is _OK:
+            self._done[op.op_id] = (op, result)
+        return result
+
+    def replay(self, records: Iterable[tuple[Op, Result]]) -> int:
+        """Re-applies persisted (op, OK result) pairs at their recorded instants; returns the count.
+        Raises if any op now gives another result: the log and these rules disagree."""
+        n = 0
+        for op, recorded in records:
+            again = self.apply(op, recorded.at)
+            if again != recorded:
+                raise AssertionError(f"replay diverged at {op!r}: recorded {recorded!r}, got {again!r}")
+            n += 1
+        return n
+
+    def _create_tenant(self, op: CreateTenant, now: datetime) -> Result:
+        if op.tenant_id in self._tenants:
+            return Result(Code.TENANT_EXISTS, op.op_id, now, op.tenant_id)
+        self._tenants[op.tenant_id] = _Tenant(op.tenant_id, op.name)
+        return Result(_OK, op.op_id, now, op.tenant_id)
+
+    def _grant(self, op: GrantCredits, now: datetime) -> Result:
+        tenant = self._tenants.get(op.tenant_id)
+        if tenant is None:
+            return Result(Code.TENANT_NOT_FOUND, op.op_id, now, op.tenant_id)
+        if type(op.micro_credits) is not int or not 0 < op.micro_credits <= MAX_MICRO_CREDITS:
+            return Result(Code.INVALID_AMOUNT, op.op_id, now, op.tenant_id)
+        g = _Grant(op.op_id, op.micro_credits, now)
+        for grants in (tenant.grants, tenant.burnable):
+            # Stable: equal expiries keep grant order. Lists are short (one entry per purchase).
+            i = len(grants)
+            while i and grants[i - 1].expires_at > g.expires_at:
+                i -= 1
+            grants.insert(i, g)
+        return Result(_OK, op.op_id, now, op.tenant_id, op.micro_credits, expires_at=g.expires_at)
+
+    def _hold(self, op: Hold, now: datetime) -> Result:
+        tenant = self._tenants.get(op.tenant_id)
+        if tenant is None:
+            return Result(Code.TENANT_NOT_FOUND, op.op_id, now, op.tenant_id)
+        amount = op.micro_credits
+        if type(amount) is not int or not 0 <= amount <= MAX_MICRO_CREDITS:
+            return Result(Code.INVALID_AMOUNT, op.op_id, now, op.tenant_id)
+        timeout = self._timeouts.get(op.timeout_s)
+        if timeout is None:
+            if type(op.timeout_s) is not int or not 0 < op.timeout_s <= MAX_HOLD_TIMEOUT_S:
+                return Result(Code.INVALID_TIMEOUT, op.op_id, now, op.tenant_id)
+            timeout = self._timeouts[op.timeout_s] = timedelta(seconds=op.timeout_s)
+        burnable = tenant.burnable
+        # Drop grants no hold can take from again and no open hold is pinned to; spent and expired
+        # grants sort first, so the front is where they pile up. (Should `now` step back, a dropped grant
+        # stays dropped: conservative, and replay repeats it exactly.)
+        while (
+            burnable
+            and burnable[0].reserved == 0
+            and (burnable[0].spent == burnable[0].micro_credits or burnable[0].expires_at <= now)
+        ):
+            del burnable[0]
+        need = amount
+        allocation: list[tuple[_Grant, int]] = []
+        for g in burnable:  # earliest expiry first
+            if need == 0:
+                break
+            if g.expires_at <= now:
+                continue
+            free = g.micro_credits - g.spent - g.reserved
+            if free > 0:
+                take = free if free < need else need
+                allocation.append((g, take))
+                need -= take
+        if need:
+            return Result(Code.INSUFFICIENT_CREDITS, op.op_id, now, op.tenant_id, amount, available=amount - need)
+        for g, take in allocation:
+            g.reserved += take
+            assert g.spent + g.reserved <= g.micro_credits
+        expires_at = now + timeout
+        hold = _Hold(op.op_id, tenant, amount, now, expires_at, allocation)
+        self._holds[op.op_id] = tenant.open_holds[op.op_id] = hold
+        heapq.heappush(self._expiry_heap, (expires_at, op.op_id))
+        return Result(_OK, op.op_id, now, op.tenant_id, amount, expires_at=expires_at)
+
+    def _open_hold(self, op_id: str, hold_id: str, now: datetime) -> _Hold | Result:
+        hold = self._holds.get(hold_id)
+        if hold is None:
+            return Result(Code.HOLD_NOT_FOUND, op_id, now)
+        if hold.state != _OPEN:
+            return Result(_ENDED_CODE[hold.state], op_id, now, hold.tenant.tenant_id)
+        return hold
+
+    def _end(self, hold: _Hold, state: int, debit: int, now: datetime) -> int:
+        """Ends an open hold: debits ``debit`` from its allocation in order, frees the rest."""
+        rest = debit
+        for g, take in hold.allocation:
+            d = take if take < rest else rest
+            g.reserved -= take
+            g.spent += d
+            rest -= d
+            assert g.reserved >= 0 and g.spent + g.reserved <= g.micro_credits
+        assert rest == 0
+        hold.state = state
+        hold.debited = debit
+        tenant = hold.tenant
+        del tenant.open_holds[hold.hold_id]
+        tenant.spent += debit
+        self._debited += debit
+        self._forgettable.append((now, hold.hold_id))
+        return hold.micro_credits - debit
+
+    def _settle(self, op: Settle, now: datetime) -> Result:
+        hold = self._open_hold(op.op_id, op.hold_id, now)
+        if isinstance(hold, Result):
+            return hold
+        tenant_id = hold.tenant.tenant_id
+        if now >= hold.expires_at:
+            return Result(Code.HOLD_EXPIRED, op.op_id, now, tenant_id)
+        amount = op.micro_credits
+        if type(amount) is not int or amount < 0:
+            return Result(Code.INVALID_AMOUNT, op.op_id, now, tenant_id)
+        if amount > hold.micro_credits:
+            return Result(Code.SETTLE_EXCEEDS_HOLD, op.op_id, now, tenant_id, amount)
+        released = self._end(hold, _SETTLED, amount, now)
+        self._forgettable.append((now, op.op_id))
+        return Result(_OK, op.op_id, now, tenant_id, amount, released)
+
+    def _release(self, op: Release, now: datetime) -> Result:
+        hold = self._open_hold(op.op_id, op.hold_id, now)
+        if isinstance(hold, Result):
+            return hold
+        released = self._end(hold, _RELEASED, 0, now)
+        self._forgettable.append((now, op.op_id))
+        return Result(_OK, op.op_id, now, hold.tenant.tenant_id, released=released)
+
+    def _expire_holds(self, op: ExpireHolds, now: datetime) -> Result:
+        """Ends timed-out holds, then forgets op ids older than the idempotency window. Always OK
+        (even when it ended nothing) so that replay re-runs the forgetting at the same instants."""
+        heap, ended, released = self._expiry_heap, [], 0
+        while heap and heap[0][0] <= now:
+            _, hold_id = heapq.heappop(heap)
+            hold = self._holds.get(hold_id)
+            if hold is not None and hold.state == _OPEN:
+                released += self._end(hold, _EXPIRED, 0, now)
+                ended.append(hold_id)
+        forgettable, horizon = self._forgettable, now - self.idempotency_window
+        while forgettable and forgettable[0][0] <= horizon:
+            op_id = forgettable.popleft()[1]
+            self._done.pop(op_id, None)
+            forgotten = self._holds.pop(op_id, None)
+            if forgotten is not None:
+                self._forgotten_debits += forgotten.debited
+        forgettable.append((now, op.op_id))
+        return Result(_OK, op.op_id, now, released=released, hold_ids=tuple(ended))
+
+    # ---- reads ----
+
+    def next_hold_expiry(self) -> datetime | None:
+        """When the earliest open hold times out (when to send ``ExpireHolds``), or None."""
+        heap = self._expiry_heap
+        while heap and (h := self._holds.get(heap[0][1])) is not None and h.state != _OPEN:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def has_tenant(self, tenant_id: str) -> bool:
+        return tenant_id in self._tenants
+
+    def tenant_ids(self) -> list[str]:
+        return list(self._tenants)
+
+    def account(self, tenant_id: str, now: datetime | None = None) -> Account:
+        """The tenant's balance, open holds and grants at ``now``. Raises KeyError for an unknown tenant."""
+        tenant = self._tenants[tenant_id]
+        now = self.clock() if now is None else now
+        grants = []
+        for g in tenant.grants:
+            expired = g.expires_at <= now
+            remaining = 0 if expired else g.micro_credits - g.spent - g.reserved
+            grants.append(
+                GrantBalance(
+                    g.grant_id, g.micro_credits, g.spent, g.reserved, remaining, g.granted_at, g.expires_at, expired
+                )
+            )
+        holds = tuple(
+            OpenHold(h.hold_id, h.micro_credits, h.created_at, h.expires_at) for h in tenant.open_holds.values()
+        )
+        return Account(
+            tenant_id,
+            tenant.name,
+            balance=sum(g.remaining for g in grants),
+            held=sum(h.micro_credits for h in holds),
+            spent=tenant.spent,
+            grants=tuple(grants),
+            holds=holds,
+        )
+
+    def check_invariants(self, now: datetime | None = None) -> None:
+        """Raises AssertionError (even under ``python -O``) if any money invariant is broken. O(state)."""
+        now = self.clock() if now is None else now
+        reserved_by_grant: dict[int, int] = {}
+        settled = self._forgotten_debits
+        for hold in self._holds.values():
+            settled += hold.debited
+            _check(hold.debited == 0 or hold.state == _SETTLED, f"hold {hold.hold_id} debited unsettled")
+            if hold.state == _OPEN:
+                _check(sum(t for _, t in hold.allocation) == hold.micro_credits, f"hold {hold.hold_id} allocation")
+                _check(hold.tenant.open_holds.get(hold.hold_id) is hold, f"hold {hold.hold_id} not listed open")
+                for g, take in hold.allocation:
+                    _check(take > 0, f"hold {hold.hold_id} allocates {take}")
+                    reserved_by_grant[id(g)] = reserved_by_grant.get(id(g), 0) + take
+        spent_total = 0
+        for tenant in self._tenants.values():
+            balance = 0
+            for g in tenant.grants:
+                _check(0 <= g.spent and 0 <= g.reserved, f"grant {g.grant_id} negative")
+                _check(g.spent + g.reserved <= g.micro_credits, f"grant {g.grant_id} over-committed")
+                _check(g.reserved == reserved_by_grant.get(id(g), 0), f"grant {g.grant_id} reserved mismatch")
+                if g.expires_at > now:
+                    balance += g.micro_credits - g.spent - g.reserved
+                spent_total += g.spent
+            _check(balance >= 0, f"tenant {tenant.tenant_id} balance {balance}")
+            _check(balance == self.account(tenant.tenant_id, now).balance, "account balance mismatch")
+            _check(all(g in tenant.grants for g in tenant.burnable), "burnable grant not in grants")
+        _check(
+            spent_total == self._debited == settled,
+            f"Σ grant debits {spent_total}, ledger {self._debited}, settled holds {settled}",
+        )
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise AssertionError(message)

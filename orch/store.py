@@ -1,0 +1,346 @@
+"""The DuckDB store: the ledger's op log, API keys and usage rows. The only module that writes SQL.
+
+Event-sourced: every OK (op, result) the ledger applied is appended to ``ops`` in apply order, and
+``load_ops()`` yields them back for ``Ledger.replay``. ``tenants``, ``grants``, ``holds`` and
+``debits`` are views over ``ops``. ``commit(batch)`` writes a batch of ops and usage rows in one
+transaction (group commit) from Arrow tables; acknowledge the batch's callers only after it returns.
+DuckDB allows one writing process per file, and a connection is not for concurrent threads: the
+ledger actor owns the Store.
+
+>>> import tempfile, os
+>>> from orch.ledger import CreateTenant, Ledger
+>>> path = os.path.join(tempfile.mkdtemp(), "ledger.duckdb")
+>>> ledger, op = Ledger(), CreateTenant("op-1", "acme", "Acme")
+>>> with Store(path) as store:
+...     store.commit(Batch(ops=[(op, ledger.apply(op))]))
+>>> with Store(path) as store:
+...     Ledger().replay(store.load_ops())
+1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import duckdb
+import pyarrow as pa
+
+from orch.ledger import (
+    Code,
+    CreateTenant,
+    ExpireHolds,
+    GrantCredits,
+    Hold,
+    Op,
+    Release,
+    Result,
+    Settle,
+)
+from orch.store_schema import OPS_ARROW, SCHEMA, SCHEMA_VERSION, USAGE_ARROW
+
+UsageStatus = Literal["ok", "error", "aborted"]  # finished / engine error / client went away
+
+
+class UsageRow(NamedTuple):
+    """One request's usage; fields in ``usage`` column order. Timestamps are UTC-aware."""
+
+    request_id: str
+    ts: datetime
+    tenant_id: str
+    key_id: str | None
+    tap: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micro: int
+    ttft_ms: int | None
+    latency_ms: int
+    status: UsageStatus
+    finish_reason: str | None
+
+
+class ApiKeyRecord(NamedTuple):
+    key_id: str
+    tenant_id: str
+    tap: str
+    secret_hash: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass
+class Batch:
+    """What one transaction writes: OK (op, result) pairs in apply order, and usage rows. Add a
+    request's usage row in the batch of its Settle, and only when that Settle was OK (not EXISTS):
+    a retried settle then never writes a second row, and Σ usage cost stays Σ debits."""
+
+    ops: list[tuple[Op, Result]] = field(default_factory=list)
+    usage: list[UsageRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ops) + len(self.usage)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    key: str  # ISO day (group_by='day') or model name (group_by='model')
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    totals: UsageTotals
+    group_by: Literal["day", "model"] | None
+    rows: tuple[UsageGroup, ...] | tuple[UsageRow, ...]  # groups, or requests when group_by is None
+
+
+class Audit(NamedTuple):
+    """Sums for the money invariants: ``debited == usage_cost`` when every settle has its usage row."""
+
+    ops: int
+    granted: int
+    debited: int
+    usage_rows: int
+    usage_cost: int
+
+
+# (op, result) → ops row without seq; one encoder per op type, the decoder below is its inverse.
+def _encode(op: Op, r: Result) -> tuple[Any, ...]:
+    if type(op) is Hold:
+        return (
+            op.op_id,
+            "hold",
+            r.at,
+            op.tenant_id,
+            None,
+            None,
+            op.micro_credits,
+            op.timeout_s,
+            None,
+            r.expires_at,
+            None,
+        )
+    if type(op) is Settle:
+        return (op.op_id, "settle", r.at, r.tenant_id, op.hold_id, None, op.micro_credits, None, r.released, None, None)
+    if type(op) is Release:
+        return (op.op_id, "release", r.at, r.tenant_id, op.hold_id, None, None, None, r.released, None, None)
+    if type(op) is ExpireHolds:
+        return (op.op_id, "expire_holds", r.at, None, None, None, None, None, r.released, None, list(r.hold_ids))
+    if type(op) is GrantCredits:
+        return (op.op_id, "grant", r.at, op.tenant_id, None, None, op.micro_credits, None, None, r.expires_at, None)
+    if type(op) is CreateTenant:
+        return (op.op_id, "create_tenant", r.at, op.tenant_id, None, op.name, None, None, None, None, None)
+    raise TypeError(f"not a ledger op: {op!r}")
+
+
+def _decode(row: tuple[Any, ...]) -> tuple[Op, Result]:
+    op_id, kind, at, tenant_id, hold_id, name, micro, timeout_s, released, expires_at, hold_ids = row
+    at = at.replace(tzinfo=UTC)
+    if expires_at is not None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    op: Op
+    if kind == "hold":
+        op = Hold(op_id, tenant_id, micro, timeout_s)
+        return op, Result(Code.OK, op_id, at, tenant_id, micro, expires_at=expires_at)
+    if kind == "settle":
+        op = Settle(op_id, hold_id, micro)
+        return op, Result(Code.OK, op_id, at, tenant_id, micro, released)
+    if kind == "release":
+        return Release(op_id, hold_id), Result(Code.OK, op_id, at, tenant_id, released=released)
+    if kind == "expire_holds":
+        return ExpireHolds(op_id), Result(Code.OK, op_id, at, released=released, hold_ids=tuple(hold_ids or ()))
+    if kind == "grant":
+        op = GrantCredits(op_id, tenant_id, micro)
+        return op, Result(Code.OK, op_id, at, tenant_id, micro, expires_at=expires_at)
+    if kind == "create_tenant":
+        return CreateTenant(op_id, tenant_id, name), Result(Code.OK, op_id, at, tenant_id)
+    raise ValueError(f"unknown op kind in store: {kind!r}")
+
+
+def _naive_utc(at: datetime) -> datetime:
+    if at.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return at.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware(at: datetime | None) -> datetime | None:
+    return None if at is None else at.replace(tzinfo=UTC)
+
+
+def _table(schema: pa.Schema, columns: Sequence[Sequence[Any]]) -> pa.Table:
+    arrays = [pa.array(col, type=f.type) for f, col in zip(schema, columns, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class Store:
+    """One DuckDB file. ``read_only=True`` for readers while no writer holds it. ``threads``: DuckDB
+    worker threads; 1 by default because each statement on small appends costs about twice the CPU
+    with more (measured: ~1 ms vs ~2 ms per insert), and the ledger's writes are all small appends."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False, threads: int = 1) -> None:
+        self.path = Path(path)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._con = duckdb.connect(str(self.path), read_only=read_only, config={"threads": threads})
+        if not read_only:
+            self._con.execute(SCHEMA)
+            if not self._one("SELECT count(*) FROM schema_version"):
+                self._con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+        version = self._one("SELECT max(version) FROM schema_version")
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+        self._next_seq: int = self._one("SELECT coalesce(max(seq) + 1, 0) FROM ops")
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _one_row(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...]:
+        rows = self._con.execute(sql, params).fetchall()  # fetchall: DuckDB 2 refuses new work after fetchone
+        assert len(rows) == 1, sql
+        return tuple(rows[0])
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._one_row(sql, params)[0]
+
+    # ---- the ledger's log ----
+
+    def commit(self, batch: Batch) -> None:
+        """Writes the batch in ONE transaction: all of it is durable when this returns, none if it raises
+        or the process dies first. Only OK results belong in a batch: nothing else changed state.
+        If it raises, the Ledger in memory is ahead of the file: rebuild it with ``load_ops()``."""
+        if not batch.ops and not batch.usage:
+            return
+        ops_table = usage_table = None
+        if batch.ops:
+            rows = []
+            for op, result in batch.ops:
+                if result.code is not Code.OK or result.op_id != op.op_id:
+                    raise ValueError(f"only OK results changed state and belong in a batch: {result!r}")
+                rows.append(_encode(op, result))
+            seqs = list(range(self._next_seq, self._next_seq + len(rows)))  # pa.array(range) is 100x slower
+            ops_table = _table(OPS_ARROW, [seqs, *zip(*rows, strict=True)])
+        if batch.usage:
+            if any(row.ts.tzinfo is None for row in batch.usage):
+                raise ValueError("usage timestamps must be timezone-aware")  # Arrow would store local time
+            usage_table = _table(USAGE_ARROW, list(zip(*batch.usage, strict=True)))
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if ops_table is not None:
+                con.from_arrow(ops_table).insert_into("ops")
+            if usage_table is not None:
+                con.from_arrow(usage_table).insert_into("usage")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        self._next_seq += len(batch.ops)
+
+    def load_ops(self, rows_per_batch: int = 65_536) -> Iterator[tuple[Op, Result]]:
+        """Every committed (op, result) in apply order, for ``Ledger.replay``. Read it to the end before
+        the next call on this Store: it streams from the connection."""
+        reader = self._con.sql(
+            "SELECT op_id, kind::VARCHAR, applied_at, tenant_id, hold_id, name, micro_credits, timeout_s,"
+            " released, expires_at, hold_ids FROM ops ORDER BY seq"
+        ).to_arrow_reader(rows_per_batch)
+        for record_batch in reader:  # type: ignore[union-attr]
+            for row in zip(*record_batch.to_pydict().values(), strict=True):
+                yield _decode(row)
+
+    # ---- API keys ----
+
+    def add_key(self, key: ApiKeyRecord) -> None:
+        self._con.execute(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)",
+            [*key[:4], _naive_utc(key.created_at), key.revoked_at and _naive_utc(key.revoked_at)],
+        )
+
+    def revoke_key(self, key_id: str, at: datetime) -> bool:
+        """Marks the key revoked at ``at``; False if no such key or already revoked (first time kept)."""
+        found = self._con.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL RETURNING key_id",
+            [_naive_utc(at), key_id],
+        ).fetchall()
+        return bool(found)
+
+    def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        rows = self._keys("WHERE key_id = ?", [key_id])
+        return rows[0] if rows else None
+
+    def list_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
+        return self._keys("WHERE tenant_id = ? ORDER BY created_at, key_id", [tenant_id])
+
+    def _keys(self, where: str, params: list[Any]) -> list[ApiKeyRecord]:
+        rows = self._con.execute(
+            f"SELECT key_id, tenant_id, tap, secret_hash, created_at, revoked_at FROM api_keys {where}", params
+        ).fetchall()
+        return [ApiKeyRecord(r[0], r[1], r[2], r[3], r[4].replace(tzinfo=UTC), _aware(r[5])) for r in rows]
+
+    # ---- usage ----
+
+    def usage(
+        self,
+        tenant_id: str | None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        group_by: Literal["day", "model"] | None = None,
+        limit: int = 1000,
+    ) -> UsageReport:
+        """Usage in ``[since, until)`` for one tenant (None: all): totals, and rows per day (UTC),
+        per model, or the latest ``limit`` requests (in time order) when ``group_by`` is None."""
+        where, params = ["TRUE"], []
+        for sql, value in (("tenant_id = ?", tenant_id), ("ts >= ?", since), ("ts < ?", until)):
+            if value is not None:
+                where.append(sql)
+                params.append(_naive_utc(value) if isinstance(value, datetime) else value)
+        cond = " AND ".join(where)
+        sums = "count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)"
+        sums += ", coalesce(sum(cost_micro), 0)"
+        totals = UsageTotals(*(int(v) for v in self._one_row(f"SELECT {sums} FROM usage WHERE {cond}", params)))
+        rows: tuple[UsageGroup, ...] | tuple[UsageRow, ...]
+        if group_by is None:
+            columns = ", ".join(f"{c}::VARCHAR" if c == "status" else c for c in UsageRow._fields)
+            found = self._con.execute(
+                f"SELECT {columns} FROM usage WHERE {cond} ORDER BY ts DESC LIMIT ?", [*params, limit]
+            ).fetchall()
+            rows = tuple(UsageRow(r[0], r[1].replace(tzinfo=UTC), *r[2:]) for r in reversed(found))
+        elif group_by in ("day", "model"):
+            key = "strftime(ts, '%Y-%m-%d')" if group_by == "day" else "model"
+            found = self._con.execute(
+                f"SELECT {key} AS k, {sums} FROM usage WHERE {cond} GROUP BY k ORDER BY k", params
+            ).fetchall()
+            rows = tuple(UsageGroup(str(r[0]), *(int(v) for v in r[1:])) for r in found)
+        else:
+            raise ValueError(f"group_by must be 'day', 'model' or None, not {group_by!r}")
+        return UsageReport(totals, group_by, rows)
+
+    def audit(self) -> Audit:
+        """Whole-file sums (O(file)): for tests and operators, not for the request path."""
+        row = self._one_row(
+            "SELECT (SELECT count(*) FROM ops),"
+            " (SELECT coalesce(sum(micro_credits), 0) FROM ops WHERE kind = 'grant'),"
+            " (SELECT coalesce(sum(micro_credits), 0) FROM ops WHERE kind = 'settle'),"
+            " (SELECT count(*) FROM usage), (SELECT coalesce(sum(cost_micro), 0) FROM usage)"
+        )
+        return Audit(*(int(v) for v in row))

@@ -1,0 +1,107 @@
+"""The DuckDB schema of orch.store (kept apart so store.py stays readable); only orch.store imports it.
+
+Tables: ``ops`` (the ledger's event log), ``api_keys``, ``usage``. Views over ``ops``: ``tenants``,
+``grants``, ``debits``, ``holds`` (with their end state). Timestamps are UTC ``TIMESTAMP``s.
+"""
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TYPE IF NOT EXISTS op_kind AS ENUM ('create_tenant', 'grant', 'hold', 'settle', 'release', 'expire_holds');
+CREATE TYPE IF NOT EXISTS usage_status AS ENUM ('ok', 'error', 'aborted');
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+-- No PRIMARY KEY/UNIQUE: the ledger enforces op_id uniqueness and an index would tax every insert.
+CREATE TABLE IF NOT EXISTS ops (
+    seq           BIGINT    NOT NULL,  -- apply order; replay follows it
+    op_id         VARCHAR   NOT NULL,  -- also the grant_id / hold_id of grant / hold ops
+    kind          op_kind   NOT NULL,
+    applied_at    TIMESTAMP NOT NULL,  -- UTC
+    tenant_id     VARCHAR,             -- NULL for expire_holds
+    hold_id       VARCHAR,             -- settle, release
+    name          VARCHAR,             -- create_tenant
+    micro_credits BIGINT,              -- granted / held / debited
+    timeout_s     INTEGER,             -- hold
+    released      BIGINT,              -- settle, release, expire_holds: micro-credits freed
+    expires_at    TIMESTAMP,           -- grant, hold (UTC)
+    hold_ids      VARCHAR[]            -- expire_holds: the holds it ended
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      VARCHAR   PRIMARY KEY,
+    tenant_id   VARCHAR   NOT NULL,
+    tap         VARCHAR   NOT NULL,
+    secret_hash VARCHAR   NOT NULL,    -- orch.keys.hash_secret; the raw key is never stored
+    created_at  TIMESTAMP NOT NULL,
+    revoked_at  TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS usage (
+    request_id        VARCHAR      NOT NULL,
+    ts                TIMESTAMP    NOT NULL,  -- when the request arrived (UTC)
+    tenant_id         VARCHAR      NOT NULL,
+    key_id            VARCHAR,
+    tap               VARCHAR      NOT NULL,
+    model             VARCHAR      NOT NULL,
+    prompt_tokens     INTEGER      NOT NULL,
+    completion_tokens INTEGER      NOT NULL,
+    cost_micro        BIGINT       NOT NULL,  -- equals the request's settled debit
+    ttft_ms           INTEGER,                -- NULL when no token was produced
+    latency_ms        INTEGER      NOT NULL,
+    status            usage_status NOT NULL,
+    finish_reason     VARCHAR                 -- stop, length, abort, ... as the engine said
+);
+CREATE OR REPLACE VIEW tenants AS
+    SELECT tenant_id, name, applied_at AS created_at FROM ops WHERE kind = 'create_tenant';
+CREATE OR REPLACE VIEW grants AS
+    SELECT op_id AS grant_id, tenant_id, micro_credits, applied_at AS granted_at, expires_at
+    FROM ops WHERE kind = 'grant';
+CREATE OR REPLACE VIEW debits AS
+    SELECT op_id AS debit_id, hold_id, tenant_id, micro_credits, applied_at AS settled_at
+    FROM ops WHERE kind = 'settle';
+CREATE OR REPLACE VIEW hold_ends AS
+    SELECT hold_id, CASE kind WHEN 'settle' THEN 'settled' ELSE 'released' END AS state, applied_at AS ended_at
+    FROM ops WHERE kind IN ('settle', 'release')
+    UNION ALL
+    SELECT unnest(hold_ids), 'expired', applied_at FROM ops WHERE kind = 'expire_holds';
+CREATE OR REPLACE VIEW holds AS
+    SELECT h.op_id AS hold_id, h.tenant_id, h.micro_credits, h.applied_at AS created_at, h.expires_at,
+           coalesce(e.state, 'open') AS state, e.ended_at
+    FROM ops h LEFT JOIN hold_ends e ON e.hold_id = h.op_id WHERE h.kind = 'hold';
+"""
+
+# Naive Arrow timestamps: pyarrow converts aware datetimes to UTC for them 9x faster than for tz="UTC",
+# and DuckDB reads them as TIMESTAMP (UTC by convention here) instead of a local-time TIMESTAMPTZ.
+TS = pa.timestamp("us")
+OPS_ARROW = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("op_id", pa.string()),
+        ("kind", pa.string()),
+        ("applied_at", TS),
+        ("tenant_id", pa.string()),
+        ("hold_id", pa.string()),
+        ("name", pa.string()),
+        ("micro_credits", pa.int64()),
+        ("timeout_s", pa.int32()),
+        ("released", pa.int64()),
+        ("expires_at", TS),
+        ("hold_ids", pa.list_(pa.string())),
+    ]
+)
+USAGE_ARROW = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("ts", TS),
+        ("tenant_id", pa.string()),
+        ("key_id", pa.string()),
+        ("tap", pa.string()),
+        ("model", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("cost_micro", pa.int64()),
+        ("ttft_ms", pa.int32()),
+        ("latency_ms", pa.int32()),
+        ("status", pa.string()),
+        ("finish_reason", pa.string()),
+    ]
+)
