@@ -6,6 +6,7 @@ returns the bound deployment a tap's gateway calls through a streaming ``Deploym
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -37,7 +38,7 @@ class ModelServer:
 
     def stats(self) -> dict[str, int]:
         s = self._actor.stats()
-        return {"running": s.running, "waiting": s.waiting, "unfinished": s.unfinished}
+        return dataclasses.asdict(s)
 
     async def check_health(self) -> None:
         await self._actor.check_health()

@@ -72,7 +72,7 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
     base = _base_url(config)
     _say(f"deploying {config_path} (first start loads the engine; ~1 min on a laptop CPU) ...")
     _wait_running(config, timeout_s)
-    _wait_http(base + "/v1/models", timeout_s)
+    _wait_http(base + "/health", timeout_s)
     print(f"llama-orch is up: {base}/v1")
     return 0
 
@@ -184,14 +184,18 @@ def cmd_status(root: Path) -> int:
     if state is not None:
         print("ray/serve CLI env: " + " ".join(f"{k}={v}" for k, v in state.client_env().items()))
     for name, app in status.applications.items():
-        print(f"app {name}: {app.status}")
+        print(f"app {name}: {_word(app.status)}")
         for dep_name, dep in app.deployments.items():
             replicas = ", ".join(f"{k}={v}" for k, v in dep.replica_states.items())
-            print(f"  {dep_name}: {dep.status} [{replicas}]")
+            print(f"  {dep_name}: {_word(dep.status)} [{replicas}]")
     record = _read_up(root)
     if record:
         print(f"endpoint: {record['base_url']}/v1")
     return 0
+
+
+def _word(status: object) -> str:
+    return str(getattr(status, "value", status))
 
 
 def _read_up(root: Path) -> dict[str, Any] | None:

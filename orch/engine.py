@@ -51,9 +51,10 @@ class Delta:
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
-    running: int
-    waiting: int
-    unfinished: int
+    running: int  # scheduler: sequences in the running batch (vLLM's last step)
+    waiting: int  # scheduler: queued sequences
+    unfinished: int  # requests the engine front end still tracks
+    aborted: int  # requests cancelled mid-generation (client gone) and aborted in the engine, since start
 
 
 class Engine(Protocol):
@@ -87,6 +88,7 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._max_model_len = 0
         self._scheduler = _SchedulerCounts()
+        self._aborted = 0
 
     async def start(self) -> None:
         for key, value in self.config.env.items():
@@ -174,6 +176,7 @@ class VLLMEngine:
         except VLLMClientError as exc:
             raise InvalidRequest(str(exc)) from None
         except (asyncio.CancelledError, GeneratorExit):
+            self._aborted += 1  # vLLM's generate() aborted the request on its way out
             raise
         except Exception as exc:
             log.warning("engine failed on %s: %s", request.request_id, type(exc).__name__)
@@ -192,7 +195,7 @@ class VLLMEngine:
 
     def stats(self) -> EngineStats:
         unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
-        return EngineStats(self._scheduler.running, self._scheduler.waiting, unfinished)
+        return EngineStats(self._scheduler.running, self._scheduler.waiting, unfinished, self._aborted)
 
     def shutdown(self) -> None:
         if self._llm is not None:

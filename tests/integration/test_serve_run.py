@@ -41,7 +41,7 @@ def test_serve_run_local_yaml_answers(tmp_path: Path, model_dir: Path) -> None:
         while time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
             try:
-                if httpx.get(base + "/models", timeout=5).status_code == 200:
+                if httpx.get(base.removesuffix("/v1") + "/health", timeout=15).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
