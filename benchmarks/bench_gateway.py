@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import yaml
@@ -186,15 +186,7 @@ def run_bare(
     base_url = f"http://127.0.0.1:{port}/v1"
     print(f"[{BARE}] starting: {' '.join(cmd[1:])}", flush=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            cwd=REPO,
-        )
+        proc = spawn(cmd, log, env)
     result: dict[str, Any] = {"command": cmd, "log": str(log_path)}
     try:
         result["startup_s"] = round(wait_ready(base_url, timeout_s, alive=lambda: proc.poll() is None), 1)
@@ -206,6 +198,13 @@ def run_bare(
         stop_group(proc.pid)
         proc.wait(timeout=10)
     return result
+
+
+def spawn(cmd: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Starts a server in its own process group (stopped by group, never `ray stop`), output to ``log``."""
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=REPO
+    )
 
 
 def gateway_config(config_path: Path, port: int, model: ModelConfig, model_dir: Path, out: Path) -> Path:
@@ -227,15 +226,7 @@ def orch_cli(data_dir: Path, *args: str, log_path: Path, timeout_s: float) -> in
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            cwd=REPO,
-        )
+        proc = spawn(cmd, log, env)
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
