@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
+import time
 import uuid
+import zlib
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +52,7 @@ class LedgerService:
         # Per the ledger benchmark: default GC thresholds halve throughput on long-lived records.
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
-        self._pending: list[tuple[Op, Result, UsageRow | None, asyncio.Future[Result]]] = []
+        self._pending: list[tuple[Op | None, Result, UsageRow | None, asyncio.Future[Result]]] = []
         self._flusher: asyncio.Task[None] | None = None
         log.info("ledger %s: replayed %d ops", db_path, replayed)
 
@@ -62,12 +65,21 @@ class LedgerService:
             self._flusher = asyncio.create_task(self._flush())
         return await future
 
+    async def record(self, usage: UsageRow) -> Result:
+        """Writes a usage row without money (contract billing); acknowledged once durable."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        result = Result(Code.OK, usage.request_id, self._clock(), usage.tenant_id)
+        self._pending.append((None, result, usage, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
     async def _flush(self) -> None:
         while self._pending:
             await asyncio.sleep(0)  # let calls already queued on the loop join this batch
             items, self._pending = self._pending, []
             batch = Batch(
-                ops=[(op, r) for op, r, _, _ in items if r.code is Code.OK],
+                ops=[(op, r) for op, r, _, _ in items if op is not None and r.code is Code.OK],
                 usage=[u for _, r, u, _ in items if u is not None and r.code is Code.OK],
             )
             try:
@@ -78,7 +90,7 @@ class LedgerService:
                 self._ledger.replay(self._store.load_ops())
                 for *_, future in items:
                     if not future.done():
-                        future.set_exception(RuntimeError("ledger commit failed; retry with the same op id"))
+                        future.set_exception(LedgerUnavailable("ledger commit failed; retry with the same op id"))
                 continue
             for _, result, _, future in items:
                 if not future.done():
@@ -94,13 +106,23 @@ class LedgerService:
     # ---- tenants and keys ----
 
     async def create_tenant(self, name: str, op_id: str | None = None) -> Result:
-        tenant_id = f"t-{uuid.uuid4().hex[:12]}"
+        """A new tenant. With ``op_id`` the tenant id derives from it, so a retry returns the same tenant."""
+        seed = op_id.encode() if op_id else uuid.uuid4().bytes
+        tenant_id = "t-" + hashlib.sha256(seed).hexdigest()[:12]
         return await self.apply(CreateTenant(op_id or f"tenant-{tenant_id}", tenant_id, name))
 
-    def create_key(self, tenant_id: str, tap: str = "public") -> tuple[str, str]:
-        """A new key for the tenant: (key_id, raw key). The raw key is returned once and never stored."""
+    def tenant_list(self) -> list[dict[str, Any]]:
+        out = []
+        for tenant_id in self._ledger.tenant_ids():
+            a = self._ledger.account(tenant_id)
+            out.append({"tenant_id": tenant_id, "name": a.name, "balance_micro_credits": a.balance})
+        return out
+
+    def create_key(self, tenant_id: str, tap: str = "public") -> tuple[str, str] | None:
+        """A new key for the tenant: (key_id, raw key), or None for an unknown tenant. The raw key is
+        returned once and never stored."""
         if not self._ledger.has_tenant(tenant_id):
-            raise KeyError(tenant_id)
+            return None
         key_id, raw = generate_key()
         _, secret = parse_key(raw)
         self._store.add_key(ApiKeyRecord(key_id, tenant_id, tap, hash_secret(secret), self._clock(), None))
@@ -120,10 +142,15 @@ class LedgerService:
 
     # ---- reads ----
 
-    def account(self, tenant_id: str) -> dict[str, Any]:
+    def account(self, tenant_id: str) -> dict[str, Any] | None:
+        """Balance, open holds and grants of the tenant; None for an unknown tenant."""
+        if not self._ledger.has_tenant(tenant_id):
+            return None
         account = self._ledger.account(tenant_id)
         return {
+            "object": "account",
             "tenant_id": tenant_id,
+            "name": account.name,
             "balance_micro_credits": account.balance,
             "held_micro_credits": account.held,
             "spent_micro_credits": account.spent,
@@ -202,3 +229,70 @@ def ledger_actor(data_dir: Path, shard: int = 0) -> Any:
         num_cpus=0,
     )
     return actor_cls.remote(str(data_dir / f"ledger-{shard}.duckdb"))
+
+
+class LedgerUnavailable(RuntimeError):
+    """The ledger did not answer within the retry deadline."""
+
+
+class LedgerClient:
+    """Calls the ledger shards from another process (the gateway, the CLI): routes a tenant to its shard
+    (crc32 of the tenant id, stable across processes), and retries a call the actor could not take
+    (restarting, or dead and recreated) until ``deadline_s``. Every mutation it sends carries an op id,
+    so a retry returns the first result instead of applying twice."""
+
+    def __init__(self, data_dir: Path, shards: int = 1, deadline_s: float = 60.0) -> None:
+        self._data_dir = data_dir
+        self._deadline_s = deadline_s
+        self._handles: list[Any] = [None] * shards
+
+    @property
+    def shards(self) -> int:
+        return len(self._handles)
+
+    def shard_of(self, tenant_id: str) -> int:
+        return zlib.crc32(tenant_id.encode()) % len(self._handles)
+
+    def _handle(self, shard: int) -> Any:
+        if self._handles[shard] is None:
+            self._handles[shard] = ledger_actor(self._data_dir, shard)
+        return self._handles[shard]
+
+    async def call(self, shard: int, method: str, *args: Any) -> Any:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        deadline = time.monotonic() + self._deadline_s
+        delay = 0.05
+        while True:
+            try:
+                return await self._handle(shard).call.remote(method, *args)
+            except (RayActorError, ActorUnavailableError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise LedgerUnavailable(f"ledger shard {shard} unavailable: {type(exc).__name__}") from exc
+                log.warning("ledger shard %d: %s; retrying", shard, type(exc).__name__)
+                if isinstance(exc, ActorDiedError):
+                    self._handles[shard] = None  # gone for good: get_if_exists creates it again
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def tenant_call(self, tenant_id: str, method: str, *args: Any) -> Any:
+        return await self.call(self.shard_of(tenant_id), method, *args)
+
+    async def apply(self, tenant_id: str, op: Op, usage: UsageRow | None = None) -> Result:
+        result: Result = await self.tenant_call(tenant_id, "apply", op, usage)
+        return result
+
+    async def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        if len(self._handles) == 1:
+            record: ApiKeyRecord | None = await self.call(0, "get_key", key_id)
+            return record
+        found = await asyncio.gather(*(self.call(s, "get_key", key_id) for s in range(len(self._handles))))
+        return next((r for r in found if r is not None), None)
+
+    async def create_tenant(self, name: str, op_id: str | None = None) -> Result:
+        """Creates the tenant on the shard its id hashes to (the id derives from ``op_id`` when given)."""
+        seed = op_id.encode() if op_id else uuid.uuid4().bytes
+        op_id = op_id or "tenant-" + hashlib.sha256(seed).hexdigest()[:12]
+        tenant_id = "t-" + hashlib.sha256(op_id.encode()).hexdigest()[:12]
+        result: Result = await self.tenant_call(tenant_id, "create_tenant", name, op_id)
+        return result

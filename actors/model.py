@@ -9,12 +9,22 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import ray
+
+from orch.billing import PromptLimits
 from orch.config import ModelConfig
 from orch.engine import Delta, Engine, EngineStats, GenerationRequest, VLLMEngine
 from orch.models import resolve_model_source
+from orch.tapspec import cuda_available, effective_tensor_parallel
 
 log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+def _bundle_gpu_ids() -> list[str]:
+    return [str(i) for i in ray.get_gpu_ids()]
 
 
 class ModelActor:
@@ -27,8 +37,19 @@ class ModelActor:
     def __init__(self, config: ModelConfig, data_dir: Path, engine: Engine | None = None) -> None:
         self.config = config
         self.data_dir = data_dir
+        self.note: str | None = None
+        engine_config = config.engine
+        if config.gpus:
+            tp, self.note = effective_tensor_parallel(config.gpus, cuda_available())
+            extra = {"distributed_executor_backend": "ray"} if tp > 1 else {}
+            engine_config = engine_config.model_copy(
+                update={"tensor_parallel_size": tp, "extra_args": {**extra, **engine_config.extra_args}}
+            )
+            if self.note:
+                log.warning("%s: %s", config.name, self.note)
+        self.engine_config = engine_config
         self.engine: Engine = engine or VLLMEngine(
-            resolve_model_source(config.source, data_dir), config.engine, stream_interval=config.stream_interval
+            resolve_model_source(config.source, data_dir), engine_config, stream_interval=config.stream_interval
         )
 
     async def start(self) -> None:
@@ -45,6 +66,39 @@ class ModelActor:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def limits(self) -> PromptLimits:
+        return self.engine.limits()
+
+    def describe(self) -> dict[str, Any]:
+        """Node, the GPU ids of this replica's group (asked of each bundle, as vLLM's workers would see
+        them), and the engine's parallelism with the note when it differs from the group."""
+        import ray
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = get_current_placement_group()
+        gpu_ids: list[list[str]] = []
+        if self.config.gpus == 1:  # the replica holds its one GPU itself
+            gpu_ids = [[str(i) for i in ray.get_gpu_ids()]]
+        elif pg is not None:
+            probes = [
+                _bundle_gpu_ids.options(  # type: ignore[attr-defined]
+                    num_cpus=0,
+                    num_gpus=1,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                ).remote()
+                for i in range(len(pg.bundle_specs))
+            ]
+            gpu_ids = ray.get(probes, timeout=60)
+        return {
+            "model": self.config.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "group_gpus": self.config.gpus,
+            "gpu_ids": gpu_ids,
+            "tensor_parallel_size": self.engine_config.tensor_parallel_size,
+            "note": self.note,
+        }
 
     def shutdown(self) -> None:
         self.engine.shutdown()

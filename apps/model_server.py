@@ -16,7 +16,9 @@ from typing import Any
 from ray import serve
 from ray.serve.deployment import Application
 
+from actors.gpu_group import GPUGroup
 from actors.model import ModelActor
+from orch.billing import PromptLimits
 from orch.config import ModelConfig
 from orch.engine import Delta, GenerationRequest
 
@@ -40,6 +42,13 @@ class ModelServer:
         s = self._actor.stats()
         return dataclasses.asdict(s)
 
+    def limits(self) -> PromptLimits:
+        return self._actor.limits()
+
+    def describe(self) -> dict[str, Any]:
+        """Where this replica runs: node, GPU ids of its group (one per bundle), engine parallelism."""
+        return self._actor.describe()
+
     async def check_health(self) -> None:
         await self._actor.check_health()
 
@@ -48,13 +57,18 @@ class ModelServer:
 
 
 def model_deployment(config: ModelConfig, data_dir: Path) -> Application:
-    """Binds the deployment of one model with its resources and autoscaling from config."""
+    """Binds the deployment of one model with its resources and autoscaling from config; with
+    ``gpus`` each replica holds a GPU group of its own (see ``actors/gpu_group.py``)."""
+    group: dict[str, Any] = {}
+    if config.gpus:
+        group = GPUGroup(config.gpus, config.num_cpus).serve_options()
     options: dict[str, Any] = {"num_cpus": config.num_cpus}
     if config.num_gpus:
         options["num_gpus"] = config.num_gpus
     return ModelServer.options(  # type: ignore[attr-defined]
         name="model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", config.name),
-        ray_actor_options=options,
+        ray_actor_options=group.pop("ray_actor_options", options),
+        **group,
         autoscaling_config=config.autoscaling.serve_dict(),
         max_ongoing_requests=config.max_ongoing_requests,
         health_check_period_s=10,

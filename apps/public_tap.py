@@ -24,4 +24,4 @@ def build(args: dict[str, Any]) -> Application:
         num_replicas=config.gateway.num_replicas,
         ray_actor_options={"num_cpus": config.gateway.num_cpus},
         max_ongoing_requests=config.gateway.max_ongoing_requests,
-    ).bind(models, tap=config.tap)
+    ).bind(models, config.model_dump(mode="json") | {"data_dir": str(root)})

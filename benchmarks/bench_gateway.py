@@ -4,9 +4,11 @@
     .venv/bin/python -m benchmarks.bench_gateway --requests-per-client 2 --max-tokens 32   # quicker
 
 Phase 1 starts vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with the
-engine settings of the first model in ``--config``; phase 2 starts llama-orch as users do
+engine settings of the first model in ``--config``; phases 2 and 3 start llama-orch as users do
 (``python -m orch.cli up`` on a copy of the config with a free port and its own data dir, then
-``down``). Each phase waits for ``/v1/models``, warms up, measures, and records which vLLM threads
+``down``), once with ``billing: credits`` (the config's: a hold is committed before each request reaches
+the engine) and once with ``billing: contract`` (usage recorded, no hold), both with the demo key.
+Each phase waits for ``/v1/models``, warms up, measures, and records which vLLM threads
 did the work. Prints a table and writes JSON (default ``benchmarks/results/gateway.json``; server
 logs go next to it, under ``logs/``).
 """
@@ -42,7 +44,8 @@ from benchmarks.loadgen import LoadSpec, measure, warm_up
 from orch.config import EngineConfig, ModelConfig, load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
-BARE, GATEWAY = "bare vLLM", "llama-orch gateway"
+BARE, GATEWAY, NO_HOLD = "bare vLLM", "llama-orch gateway", "gateway, no hold"
+BILLING = {GATEWAY: "credits", NO_HOLD: "contract"}  # the same stack, with and without the pre-engine hold
 
 
 def free_port() -> int:
@@ -99,14 +102,17 @@ def bare_vllm_command(
     return cmd
 
 
-def wait_ready(base_url: str, timeout_s: float, alive: Any = None) -> float:
+def wait_ready(base_url: str, timeout_s: float, alive: Any = None, api_key: str | None = None) -> float:
     """Polls ``GET /v1/models`` until it answers 200; returns seconds waited."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if alive is not None and not alive():
             raise RuntimeError("server exited before it was ready")
         with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(base_url + "/models", timeout=5) as resp:
+            with urllib.request.urlopen(
+                urllib.request.Request(base_url + "/models", headers=headers), timeout=5
+            ) as resp:
                 if resp.status == 200:
                     return time.monotonic() - start
         time.sleep(0.5)
@@ -207,11 +213,13 @@ def spawn(cmd: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Pop
     )
 
 
-def gateway_config(config_path: Path, port: int, model: ModelConfig, model_dir: Path, out: Path) -> Path:
+def gateway_config(config_path: Path, port: int, model: ModelConfig, model_dir: Path, out: Path, billing: str) -> Path:
     """A copy of the user's config on a free port; the benchmarked model uses the bare server's folder and dtype."""
     config = yaml.safe_load(config_path.read_text())
     config.setdefault("http_options", {})["port"] = port
     for app in config["applications"]:
+        if str(app.get("import_path", "")).startswith("apps."):
+            app["args"]["billing"] = billing
         for entry in (app.get("args") or {}).get("models", []):
             if entry.get("name") == model.name:
                 entry["source"] = str(model_dir)  # same weights as the bare server, no second conversion
@@ -235,6 +243,7 @@ def orch_cli(data_dir: Path, *args: str, log_path: Path, timeout_s: float) -> in
 
 
 def run_gateway(
+    label: str,
     model: ModelConfig,
     model_dir: Path,
     config_path: Path,
@@ -245,13 +254,13 @@ def run_gateway(
 ) -> dict[str, Any]:
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
-    config = gateway_config(config_path, port, model, model_dir, data_dir / "config.yaml")
-    log_path = log_dir / "gateway-cli.log"
+    config = gateway_config(config_path, port, model, model_dir, data_dir / "config.yaml", BILLING[label])
+    log_path = log_dir / f"gateway-cli-{BILLING[label]}.log"
     log_path.unlink(missing_ok=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     result: dict[str, Any] = {"data_dir": str(data_dir), "config": config.read_text(), "log": str(log_path)}
     head_pid: int | None = None
-    print(f"[{GATEWAY}] llama-orch up --config {config} (data dir {data_dir}) ...", flush=True)
+    print(f"[{label}] llama-orch up --config {config} (data dir {data_dir}) ...", flush=True)
     try:
         start = time.monotonic()
         rc = orch_cli(
@@ -270,11 +279,12 @@ def run_gateway(
             raise RuntimeError(f"llama-orch up exited {rc}; see {log_path}")
         if head_pid is None:
             raise RuntimeError(f"llama-orch up wrote no {data_dir / 'cluster.json'} (did it reuse a cluster?)")
-        wait_ready(base_url, 30)
+        key = (data_dir / "demo_key").read_text().strip()
+        wait_ready(base_url, 30, api_key=key)
         result["startup_s"] = round(time.monotonic() - start, 1)
-        spec = LoadSpec(base_url=base_url, model=model.name, **spec_args)
+        spec = LoadSpec(base_url=base_url, model=model.name, api_key=key, **spec_args)
         logs = procprobe.session_log_files(head_pid)
-        result.update(measure_phase(GATEWAY, base_url, head_pid, spec, logs, single_requests))
+        result.update(measure_phase(label, base_url, head_pid, spec, logs, single_requests))
     except (RuntimeError, TimeoutError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -361,10 +371,10 @@ def table(phases: dict[str, dict[str, Any]]) -> str:
 
 
 def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    bare, gw = phases.get(BARE, {}), phases.get(GATEWAY, {})
+    bare, gw, no_hold = phases.get(BARE, {}), phases.get(GATEWAY, {}), phases.get(NO_HOLD, {})
 
-    def diff(*path: str) -> float | None:
-        a, b = _value(bare, *path), _value(gw, *path)
+    def diff(*path: str, base: dict[str, Any] = bare) -> float | None:
+        a, b = _value(base, *path), _value(gw, *path)
         return None if a is None or b is None else round(float(b) - float(a), 1)
 
     tput_bare, tput_gw = _value(bare, "summary", "throughput_tok_s"), _value(gw, "summary", "throughput_tok_s")
@@ -373,6 +383,8 @@ def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "added_ttft_p50_ms": diff("summary", "ttft_ms", "p50"),
         "added_latency_p50_ms": diff("summary", "latency_ms", "p50"),
         "added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50"),
+        "hold_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=no_hold),
+        "hold_added_ttft_p50_ms": diff("summary", "ttft_ms", "p50", base=no_hold),
     }
 
 
@@ -404,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         help="engine dtype for both servers: 'cpu-default' (the config's, but 'auto' becomes what "
         "orch.models.default_engine_dtype() picks: float32 on CPUs without AVX512-BF16), 'config', or a dtype",
     )
-    parser.add_argument("--only", choices=("bare", "gateway"), help="run one phase (for debugging)")
+    parser.add_argument("--only", choices=("bare", "gateway", "no-hold"), help="run one phase (for debugging)")
     args = parser.parse_args(argv)
 
     from orch.models import materialise_default_model
@@ -424,10 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     phases: dict[str, dict[str, Any]] = {}
     if args.only in (None, "bare"):
         phases[BARE] = run_bare(model, model_dir, spec_args, args.single_requests, log_dir, args.startup_timeout)
-    if args.only in (None, "gateway"):
-        phases[GATEWAY] = run_gateway(
-            model, model_dir, args.config, spec_args, args.single_requests, log_dir, args.startup_timeout
-        )
+    for label, only in ((NO_HOLD, "no-hold"), (GATEWAY, "gateway")):
+        if args.only in (None, only):
+            phases[label] = run_gateway(
+                label, model, model_dir, args.config, spec_args, args.single_requests, log_dir, args.startup_timeout
+            )
 
     ratio = comparison(phases)
     print()
@@ -435,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"throughput gateway/bare: {ratio['throughput_ratio']}   added TTFT p50: {ratio['added_ttft_p50_ms']} ms   "
         f"added latency p50: {ratio['added_latency_p50_ms']} ms   "
-        f"added 1-stream TTFT p50: {ratio['added_single_stream_ttft_p50_ms']} ms"
+        f"added 1-stream TTFT p50: {ratio['added_single_stream_ttft_p50_ms']} ms   "
+        f"of which the hold (credits vs no hold): {ratio['hold_added_single_stream_ttft_p50_ms']} ms"
     )
     for line in thread_lines(phases):
         print(line)

@@ -51,6 +51,7 @@ class LoadSpec:
     warmup_max_tokens: int = 16
     request_timeout_s: float = 300.0
     prompts: tuple[str, ...] = PROMPTS
+    api_key: str | None = None  # sent as a Bearer token
 
     def prompt_for(self, client: int, turn: int) -> str:
         return self.prompts[(client + turn) % len(self.prompts)]
@@ -193,7 +194,8 @@ async def _client(session: aiohttp.ClientSession, spec: LoadSpec, client: int) -
 
 def _session(spec: LoadSpec, connections: int) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(total=spec.request_timeout_s)
-    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=connections))
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else None
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=connections), headers=headers)
 
 
 async def warm_up(spec: LoadSpec) -> list[str]:

@@ -72,6 +72,8 @@ class AutoscalingConfig(StrictModel):
     target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica to aim for.")
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds of sustained load before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Seconds of low load before scaling down.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Seconds of load averaged per scaling decision.")
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:
@@ -86,14 +88,29 @@ class AutoscalingConfig(StrictModel):
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
         }
         if self.initial_replicas is not None:
             out["initial_replicas"] = self.initial_replicas
         return out
 
 
+class PriceConfig(StrictModel):
+    """What a model costs, in integer micro-credits (1 credit = 1,000,000 µc) per 1M tokens."""
+
+    input_per_m: int = Field(0, ge=0, description="Micro-credits per 1M prompt tokens.")
+    output_per_m: int = Field(0, ge=0, description="Micro-credits per 1M completion tokens.")
+
+
 class ModelConfig(StrictModel):
     """One served model: its name on the API, where its weights come from, and how it scales."""
+
+    @model_validator(mode="after")
+    def _one_gpu_setting(self) -> ModelConfig:
+        if self.gpus and self.num_gpus:
+            raise ValueError("set either gpus (a GPU group per replica) or num_gpus, not both")
+        return self
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="Name clients put in `model`.")
     source: str = Field(
@@ -102,11 +119,18 @@ class ModelConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica scaling.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs one replica reserves.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs one replica reserves (0 on CPU).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs one replica reserves without a group (0 on CPU).")
+    gpus: Literal[0, 1, 2, 4, 8] = Field(
+        0,
+        description="GPU group per replica: N GPUs on one node (STRICT_PACK), tensor parallel over them; without "
+        "CUDA the engine runs on the CPU with tensor_parallel_size=1 while the group still reserves the GPUs. "
+        "0: no group.",
+    )
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica accepts at once.")
     stream_interval: int | None = Field(
         None, ge=1, description="Tokens per streamed chunk after the first (vLLM stream_interval); None = 1."
     )
+    price: PriceConfig = Field(default_factory=PriceConfig, description="Price per 1M tokens (credits billing).")
 
 
 class GatewayConfig(StrictModel):
@@ -124,9 +148,21 @@ class TapConfig(StrictModel):
     'default'
     """
 
-    tap: Literal["public"] = Field("public", description="Which offer this app is.")
+    tap: str = Field("public", pattern=r"^[a-z0-9][a-z0-9-]{0,63}$", description="Tap id; keys are issued per tap.")
     models: list[ModelConfig] = Field(min_length=1, description="Models served by this tap.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Ingress settings.")
+    billing: Literal["credits", "contract"] = Field(
+        "credits",
+        description="credits: every request holds its worst-case cost first and is refused (402) when the balance "
+        "can't cover it; contract: usage is recorded, no credit holds.",
+    )
+    hold_timeout_s: int = Field(
+        3600,
+        ge=10,
+        le=7 * 86_400,
+        description="A hold not settled by then is released (a request longer than this is free).",
+    )
+    ledger_shards: int = Field(1, ge=1, le=64, description="Tenant ledger shards (actors and DuckDB files).")
     data_dir: str | None = Field(
         None, description="Where weights and state live; default $LLAMA_ORCH_DATA_DIR or ./.orch."
     )
@@ -181,9 +217,13 @@ def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         config = yaml.safe_load(f)
     if not isinstance(config, dict) or not config.get("applications"):
         raise ConfigError(f"config error: {path} has no 'applications'")
+    from orch.tapspec import TapSpec
+
     for i, app in enumerate(config["applications"]):
-        if str(app.get("import_path", "")).startswith("apps."):
-            load_args(TapConfig, app.get("args") or {}, where=f"applications[{i}].args")
+        import_path = str(app.get("import_path", ""))
+        if import_path.startswith("apps."):
+            model = TapSpec if import_path == "apps.private_tap:build" else TapConfig
+            load_args(model, app.get("args") or {}, where=f"applications[{i}].args")
     return config
 
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from orch.billing import PromptLimits
 from orch.config import EngineConfig
 from orch.errors import APIError, EngineUnavailable, InvalidRequest
 from orch.models import default_engine_dtype
@@ -70,6 +71,8 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def limits(self) -> PromptLimits: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -87,6 +90,7 @@ class VLLMEngine:
         self._llm: Any = None
         self._tokenizer: Any = None
         self._max_model_len = 0
+        self._limits = PromptLimits(0, 0, 0)
         self._scheduler = _SchedulerCounts()
         self._aborted = 0
 
@@ -105,6 +109,7 @@ class VLLMEngine:
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[counts.factory])
         self._tokenizer = self._llm.get_tokenizer()
         self._max_model_len = self._llm.model_config.max_model_len
+        self._limits = self._measure_limits()
         log.info(
             "vLLM engine up: %s, dtype=%s, max_model_len=%d", self.model_path, kwargs["dtype"], self._max_model_len
         )
@@ -112,6 +117,22 @@ class VLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    def limits(self) -> PromptLimits:
+        return self._limits
+
+    def _measure_limits(self) -> PromptLimits:
+        """Template tokens around one message, whatever its role (the largest, default system prompt
+        included), and around a plain prompt; +4 covers a tokenizer's leading-space marker and merges."""
+        per_message = 0
+        for role in ("system", "user", "assistant", "tool"):
+            try:
+                ids = self.prompt_ids(GenerationRequest("limits", messages=[{"role": role, "content": ""}]))
+            except Exception:  # some templates refuse a role, or a lone message of it
+                continue
+            per_message = max(per_message, len(ids))
+        per_prompt = len(self._tokenizer.encode(""))
+        return PromptLimits(self._max_model_len, per_message + 4, per_prompt + 4)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids the engine will see: the chat template applied by the model's own tokenizer."""

@@ -86,3 +86,8 @@ class EngineUnavailable(APIError):
 class InternalError(APIError):
     status = 500
     type = "server_error"
+
+
+class Conflict(APIError):
+    status = 409
+    type = "invalid_request_error"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -292,3 +293,77 @@ class ChunkWriter:
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
     DONE = b"data: [DONE]\n\n"
+
+
+# ---- account, usage and admin APIs ----------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateTenantBody(_Body):
+    """``POST /admin/tenants``: a retry with the same ``idempotency_key`` returns the same tenant."""
+
+    name: str = Field(min_length=1, max_length=200)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+
+class CreateKeyBody(_Body):
+    """``POST /admin/tenants/{id}/keys``; ``tap`` defaults to the tap that serves the call."""
+
+    tap: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+class GrantBody(_Body):
+    """``POST /admin/tenants/{id}/grants``: money moves only with an id, so a retry never grants twice."""
+
+    micro_credits: int = Field(gt=0, le=10**15)
+    idempotency_key: str = Field(min_length=1, max_length=200)
+
+
+def parse_body(model: type[BaseModel], body: bytes) -> Any:
+    """Parses a JSON body into ``model`` (an empty body is ``{}``); 400 naming the parameter."""
+    try:
+        data = json.loads(body) if body.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+GroupBy = Literal["day", "model"]
+
+
+def parse_usage_query(params: dict[str, str]) -> tuple[datetime | None, datetime | None, GroupBy | None]:
+    """``since``/``until`` (ISO 8601 date or time; naive means UTC) and ``group_by`` of ``GET /v1/usage``.
+
+    >>> parse_usage_query({"since": "2026-11-01", "group_by": "day"})[0].isoformat()
+    '2026-11-01T00:00:00+00:00'
+    """
+    unknown = sorted(set(params) - {"since", "until", "group_by"})
+    if unknown:
+        raise InvalidRequest(f"Unknown query parameter '{unknown[0]}'.", param=unknown[0], code="unknown_parameter")
+    times: list[datetime | None] = []
+    for name in ("since", "until"):
+        raw = params.get(name)
+        if not raw:
+            times.append(None)
+            continue
+        try:
+            at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidRequest(
+                f"Invalid '{name}': expected an ISO 8601 date or time like 2026-11-01 or 2026-11-01T12:00:00Z.",
+                param=name,
+                code="invalid_value",
+            ) from None
+        times.append(at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC))
+    group_by = params.get("group_by") or None
+    if group_by not in (None, "day", "model"):
+        raise InvalidRequest("Invalid 'group_by': expected 'day' or 'model'.", param="group_by", code="invalid_value")
+    return times[0], times[1], group_by  # type: ignore[return-value]

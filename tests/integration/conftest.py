@@ -24,6 +24,7 @@ from orch.models import DEFAULT_MODEL_NAME, materialise_default_model
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = DEFAULT_MODEL_NAME
+NUM_GPUS = 8  # declared by the session's head (fake on this machine): private taps reserve them
 
 
 def free_port() -> int:
@@ -59,10 +60,26 @@ class Stack:
     data_dir: Path
     gcs_address: str
     client_env: dict[str, str]
+    config_path: Path
+    key: str  # the demo tenant's key `up` created
+    admin_key: str
 
     @property
     def v1(self) -> str:
         return self.base_url + "/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart the session's stack run last: a restart cuts every driver connected to it."""
+    items.sort(key=lambda item: item.get_closest_marker("restarts_stack") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -77,13 +94,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
     config_path = data / "local.yaml"
     config_path.write_text(yaml.safe_dump(local_config(port, model_dir)))
     env = {"RAY_ADDRESS": ""} if "RAY_ADDRESS" in os.environ else None
-    up = cli("--data-dir", str(data), "up", "--config", str(config_path), env=env)
+    up = cli("--data-dir", str(data), "up", "--config", str(config_path), "--num-gpus", str(NUM_GPUS), env=env)
     try:
         assert up.returncode == 0, f"llama-orch up failed:\n{up.stdout}\n{up.stderr[-4000:]}"
         assert f"http://127.0.0.1:{port}/v1" in up.stdout
         state = json.loads((data / "cluster.json").read_text())
         client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["auth_token_path"]}
-        yield Stack(f"http://127.0.0.1:{port}", data, state["gcs_address"], client_env)
+        key = (data / "demo_key").read_text().strip()
+        assert key in up.stdout  # shown once, on first start
+        admin_key = (data / "admin_key").read_text().strip()
+        yield Stack(f"http://127.0.0.1:{port}", data, state["gcs_address"], client_env, config_path, key, admin_key)
     finally:
         import ray
 

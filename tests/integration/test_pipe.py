@@ -20,7 +20,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.v1, api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=stack.v1, api_key=stack.key, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_chat_stream_shapes_and_usage_equal_engine_counts(client: openai.OpenAI)
 
 def test_stream_ends_with_done(stack: Stack) -> None:
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 5, "stream": True}
-    with httpx.stream("POST", stack.v1 + "/chat/completions", json=body, timeout=120) as resp:
+    with httpx.stream("POST", stack.v1 + "/chat/completions", json=body, headers=stack.headers, timeout=120) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in resp.iter_lines() if line]
@@ -126,7 +126,8 @@ def test_max_tokens_negative_is_400_naming_it(client: openai.OpenAI) -> None:
     ],
 )
 def test_bad_bodies_are_400_openai_shaped(stack: Stack, body: bytes, param: str | None) -> None:
-    resp = httpx.post(stack.v1 + "/chat/completions", content=body, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json", **stack.headers}
+    resp = httpx.post(stack.v1 + "/chat/completions", content=body, headers=headers)
     assert resp.status_code == 400
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -146,8 +147,8 @@ def test_context_overflow_is_400_not_500(client: openai.OpenAI) -> None:
 
 
 def test_unknown_route_and_method(stack: Stack) -> None:
-    assert httpx.get(stack.v1 + "/nope").status_code == 404
-    resp = httpx.get(stack.v1 + "/chat/completions")
+    assert httpx.get(stack.v1 + "/nope", headers=stack.headers).status_code == 404
+    resp = httpx.get(stack.v1 + "/chat/completions", headers=stack.headers)
     assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
 
 
@@ -168,7 +169,7 @@ def test_disconnect_mid_stream_aborts_the_engine_request(stack: Stack, ray_drive
     before = _engine_stats()  # also warms the handle: its first call can take seconds
     story = [{"role": "user", "content": "Write a very long story about a dragon."}]
     body = {"model": MODEL, "messages": story, "max_tokens": 1800, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", stack.v1 + "/chat/completions", json=body, timeout=120) as resp:
+    with httpx.stream("POST", stack.v1 + "/chat/completions", json=body, headers=stack.headers, timeout=120) as resp:
         assert resp.status_code == 200
         received = 0
         for line in resp.iter_lines():
@@ -189,5 +190,6 @@ def test_disconnect_mid_stream_aborts_the_engine_request(stack: Stack, ray_drive
     assert stats["aborted"] == before["aborted"] + 1, (before, stats)
     assert stats["unfinished"] == 0 and stats["running"] == 0, stats
     # The engine still serves.
-    reply = httpx.post(stack.v1 + "/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2}, timeout=60)
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 2}
+    reply = httpx.post(stack.v1 + "/completions", json=body, headers=stack.headers, timeout=60)
     assert reply.status_code == 200

@@ -25,12 +25,15 @@ def test_serve_run_local_yaml_answers(tmp_path: Path, model_dir: Path) -> None:
     config_path = tmp_path / "local.yaml"
     config_path.write_text(yaml.safe_dump(config))
     head = start_head(tmp_path / "ray", num_cpus=8, num_gpus=0)
+    data = tmp_path / "data"  # its own ledger and admin key; the default model's folder is shared
+    data.mkdir()
+    (data / "models").symlink_to(model_dir.parent)
     serve_cli = Path(sys.executable).parent / "serve"
     log = open(tmp_path / "serve-run.log", "wb")
     proc = subprocess.Popen(
         [str(serve_cli), "run", "--address", head.gcs_address, str(config_path)],
         cwd=REPO,
-        env={**_env(), **head.client_env()},
+        env={**_env(), **head.client_env(), "LLAMA_ORCH_DATA_DIR": str(data)},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -49,7 +52,11 @@ def test_serve_run_local_yaml_answers(tmp_path: Path, model_dir: Path) -> None:
         else:
             pytest.fail("serve run did not answer within 600 s")
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}
-        reply = httpx.post(base + "/chat/completions", json=body, timeout=120)
+        assert httpx.post(base + "/chat/completions", json=body, timeout=60).status_code == 401
+        key = _tenant_key(base.removesuffix("/v1"), (data / "admin_key").read_text().strip())
+        reply = httpx.post(
+            base + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
+        )
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] >= 1
     finally:
@@ -60,6 +67,15 @@ def test_serve_run_local_yaml_answers(tmp_path: Path, model_dir: Path) -> None:
             proc.kill()
         log.close()
         stop_head(head)
+
+
+def _tenant_key(base: str, admin_key: str) -> str:
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    tenant = httpx.post(base + "/admin/tenants", json={"name": "serve-run"}, headers=admin).json()["tenant_id"]
+    grant = {"micro_credits": 1_000_000, "idempotency_key": "serve-run-1"}
+    assert httpx.post(f"{base}/admin/tenants/{tenant}/grants", json=grant, headers=admin).status_code == 200
+    key: str = httpx.post(f"{base}/admin/tenants/{tenant}/keys", json={}, headers=admin).json()["key"]
+    return key
 
 
 def _env() -> dict[str, str]:

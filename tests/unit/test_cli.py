@@ -31,3 +31,13 @@ def test_status_without_a_cluster(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert proc.returncode == 1 and "no llama-orch cluster" in proc.stdout
+
+
+def test_module_entry_point_parses_every_command() -> None:
+    import subprocess
+    import sys
+
+    for args in (["--help"], ["tap", "create", "--help"], ["credits", "grant", "--help"], ["usage", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "orch.cli", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "usage: llama-orch" in done.stdout

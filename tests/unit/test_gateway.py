@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 from openai.types.chat import ChatCompletionChunk
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from apps.gateway import _sse, api_error
+from apps.gateway import Meter, _sse, api_error
+from orch.billing import Principal
 from orch.engine import Delta
 from orch.errors import EngineUnavailable, InvalidRequest
+from orch.ledger import Price
 from orch.protocol import ChunkWriter
 
 
@@ -67,33 +69,72 @@ def test_api_error_unwraps_ray_task_errors() -> None:
     assert (err.status, err.param, err.code) == (400, "max_tokens", "context_length_exceeded")
 
 
-def test_sse_streams_a_whole_completion() -> None:
-    first = Delta("Par", 10, 1)
+class FakeSettle:
+    """Stands in for Gateway._settle: records (status, tokens seen) per call, returns a done task."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, meter: Meter, status: str) -> asyncio.Future[None]:
+        assert meter.last is not None
+        self.calls.append((status, meter.last.completion_tokens))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def _meter(first: Delta) -> Meter:
+    meter = Meter(Principal("t-1", "k", "public"), "m", Price(1, 1), "chatcmpl-x", "hold-chatcmpl-x")
+    meter.last = first
+    return meter
+
+
+def test_sse_streams_a_whole_completion_and_settles_before_done() -> None:
     stream = FakeStream([Delta("is", 10, 2), Delta(".", 10, 3, "stop")])
     writer = ChunkWriter(chat=True, request_id="chatcmpl-x", model="m", include_usage=True)
-    raw = asyncio.run(_drain(_sse(writer, first, stream)))  # type: ignore[arg-type]
+    settle = FakeSettle()
+    raw = asyncio.run(_drain(_sse(writer, _meter(Delta("Par", 10, 1)), stream, settle)))  # type: ignore[arg-type]
     chunks = [ChatCompletionChunk.model_validate(f) for f in _frames(raw)]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Paris."
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
     assert raw.endswith(b"data: [DONE]\n\n") and not stream.cancelled
+    assert settle.calls == [("ok", 3)]
 
 
-def test_sse_reports_engine_failure_in_band() -> None:
+def test_sse_reports_engine_failure_in_band_and_settles_what_was_produced() -> None:
     stream = FakeStream([Delta("a", 1, 2), Delta("b", 1, 3)], fail_after=1)
     writer = ChunkWriter(chat=False, request_id="cmpl-x", model="m", include_usage=False)
-    raw = asyncio.run(_drain(_sse(writer, Delta("x", 1, 1), stream)))  # type: ignore[arg-type]
+    settle = FakeSettle()
+    raw = asyncio.run(_drain(_sse(writer, _meter(Delta("x", 1, 1)), stream, settle)))  # type: ignore[arg-type]
     assert _frames(raw)[-1]["error"]["type"] == "service_unavailable_error"
     assert raw.endswith(b"data: [DONE]\n\n")
+    assert settle.calls == [("error", 2)]
 
 
-def test_sse_closed_early_cancels_the_engine_stream() -> None:
+def test_sse_closed_early_cancels_the_engine_stream_and_settles_as_aborted() -> None:
     stream = FakeStream([Delta("b", 1, i) for i in range(2, 50)])
     writer = ChunkWriter(chat=True, request_id="chatcmpl-x", model="m", include_usage=False)
+    settle = FakeSettle()
 
     async def client_goes_away() -> None:
-        gen = _sse(writer, Delta("a", 1, 1), stream)  # type: ignore[arg-type]
+        gen = _sse(writer, _meter(Delta("a", 1, 1)), stream, settle)  # type: ignore[arg-type]
         await _drain(gen, limit=3)
         await gen.aclose()  # what the server does when the client disconnects
 
     asyncio.run(client_goes_away())
     assert stream.cancelled
+    assert settle.calls == [("aborted", 3)]
+
+
+def test_sse_of_a_one_delta_completion_closed_at_once_still_settles() -> None:
+    stream = FakeStream([])
+    writer = ChunkWriter(chat=True, request_id="chatcmpl-x", model="m", include_usage=False)
+    settle = FakeSettle()
+
+    async def client_goes_away() -> None:
+        gen = _sse(writer, _meter(Delta("Hi.", 5, 1, "stop")), stream, settle)  # type: ignore[arg-type]
+        await _drain(gen, limit=1)
+        await gen.aclose()
+
+    asyncio.run(client_goes_away())
+    assert settle.calls == [("aborted", 1)]

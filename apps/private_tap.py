@@ -1,0 +1,57 @@
+"""A private tap: one client's model on GPU groups of its own, its own keys, its own route.
+
+``serve deploy configs/private_tap.example.yaml`` and ``llama-orch tap create`` both call :func:`build`
+with a :class:`orch.tapspec.TapSpec` (``args:``). The app is ``private-<client>``, served at
+``/private/<client>/v1`` by a gateway of its own that accepts only keys issued for this tap. With
+``openai_gateway: false`` the app is the model deployment alone, reachable in the cluster only::
+
+    handle = serve.get_deployment_handle("model-<name>", app_name="private-<client>")
+    async for delta in handle.options(stream=True).generate.remote(GenerationRequest(...)): ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.deployment import Application
+
+from apps.gateway import Gateway
+from apps.model_server import model_deployment
+from orch.config import AutoscalingConfig, ModelConfig, TapConfig, data_dir, load_args
+from orch.tapspec import TapSpec
+
+
+def tap_config(spec: TapSpec) -> TapConfig:
+    """The tap config a private tap runs: one model on ``spec.gpus``-GPU groups, scaled by Serve."""
+    model = ModelConfig(
+        name=spec.model_name(),
+        source=spec.model,
+        engine=spec.engine,
+        gpus=spec.gpus,
+        num_cpus=spec.num_cpus,
+        autoscaling=AutoscalingConfig(
+            min_replicas=spec.min_replicas,
+            max_replicas=spec.max_replicas,
+            target_ongoing_requests=spec.target_ongoing_requests,
+            upscale_delay_s=spec.upscale_delay_s,
+            downscale_delay_s=spec.downscale_delay_s,
+            metrics_interval_s=spec.metrics_interval_s,
+            look_back_period_s=spec.look_back_period_s,
+        ),
+    )
+    return TapConfig(tap=spec.app_name(), models=[model], billing=spec.billing, data_dir=spec.data_dir)
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Builds the private tap from validated args; a bad field fails with one line naming it."""
+    spec: TapSpec = load_args(TapSpec, args)
+    config = tap_config(spec)
+    root = data_dir(config.data_dir)
+    model = model_deployment(config.models[0], root)
+    if not spec.openai_gateway:
+        return model
+    return Gateway.options(  # type: ignore[attr-defined]
+        num_replicas=1,
+        ray_actor_options={"num_cpus": config.gateway.num_cpus},
+        max_ongoing_requests=config.gateway.max_ongoing_requests,
+    ).bind({config.models[0].name: model}, config.model_dump(mode="json") | {"data_dir": str(root)})

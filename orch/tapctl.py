@@ -1,0 +1,142 @@
+"""``llama-orch tap create|list|scale|delete``: private taps on the running stack.
+
+The stack's desired state is the Serve config ``up`` deployed (recorded in ``<data dir>/up.json``)
+plus one application per private tap (``<data dir>/taps.json``). Every change deploys that whole
+state declaratively, as ``serve deploy`` does: apps whose config did not change keep running untouched.
+Before deploying, the GPUs a tap needs are checked against what the cluster has free, node by node,
+so an impossible tap fails at once with one line instead of waiting forever for GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from orch.capacity import Capacity, InsufficientGPUs, snapshot
+from orch.tapspec import TapSpec
+
+TAPS_FILE = "taps.json"
+PRIVATE_IMPORT_PATH = "apps.private_tap:build"
+
+
+def load_taps(root: Path) -> dict[str, dict[str, Any]]:
+    """The registered taps; a file that exists but does not parse stops everything (never read as none)."""
+    path = root / TAPS_FILE
+    if not path.exists():
+        return {}
+    try:
+        taps: dict[str, dict[str, Any]] = json.loads(path.read_text())
+    except ValueError as exc:
+        raise RuntimeError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
+    return taps
+
+
+def save_taps(root: Path, taps: dict[str, dict[str, Any]]) -> None:
+    tmp = root / (TAPS_FILE + ".tmp")
+    tmp.write_text(json.dumps(taps, indent=2, sort_keys=True))
+    tmp.replace(root / TAPS_FILE)
+
+
+def tap_application(spec: TapSpec) -> dict[str, Any]:
+    """The Serve config entry of a private tap (what ``configs/private_tap.example.yaml`` spells out)."""
+    return {
+        "name": spec.app_name(),
+        "route_prefix": spec.route_prefix() if spec.openai_gateway else None,
+        "import_path": PRIVATE_IMPORT_PATH,
+        "args": spec.model_dump(mode="json", exclude_defaults=True) | {"gpus": spec.gpus},
+    }
+
+
+def desired_config(base: dict[str, Any], taps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``up``'s config with its private apps replaced by the registered taps (``{client: {"spec": ...}}``)."""
+    apps = [a for a in base["applications"] if a.get("import_path") != PRIVATE_IMPORT_PATH]
+    apps += [tap_application(TapSpec.model_validate(entry["spec"])) for _, entry in sorted(taps.items())]
+    return {**base, "applications": apps}
+
+
+def check_capacity(spec: TapSpec, capacity: Capacity, held_by_tap: int = 0) -> tuple[int, str | None]:
+    """How many replicas of ``spec`` can run: raises :class:`InsufficientGPUs` when ``min_replicas`` (at
+    least one) groups don't fit; else returns the ``max_replicas`` to deploy, clamped to what fits, with a
+    note when clamped. ``held_by_tap`` is how many groups the tap already holds (a scale keeps them)."""
+    fit = capacity.max_replicas_that_fit(spec.gpus) + held_by_tap
+    need = max(1, spec.min_replicas)
+    if fit < need:
+        if need == 1 or capacity.max_replicas_that_fit(spec.gpus) == 0:
+            raise InsufficientGPUs(capacity.shortfall_message(spec.gpus))
+        raise InsufficientGPUs(
+            f"needs {need} groups of {spec.gpus} GPUs, {fit} fit ({capacity.free} free of {capacity.total})"
+        )
+    if spec.max_replicas <= fit:
+        return spec.max_replicas, None
+    return fit, f"max_replicas {spec.max_replicas} -> {fit}: only {fit} groups of {spec.gpus} GPUs fit now"
+
+
+def wait_app(name: str, timeout_s: float, *, gone: bool = False) -> None:
+    """Waits until app ``name`` is RUNNING (or gone); fails fast with Serve's message on DEPLOY_FAILED."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        app = apps.get(name)
+        if gone and app is None:
+            return
+        if app is not None and not gone:
+            if app.status == "RUNNING":
+                return
+            if app.status == "DEPLOY_FAILED":
+                lines = [ln.strip() for ln in app.message.strip().splitlines() if ln.strip()]
+                raise RuntimeError(f"tap app '{name}' failed to deploy: {(lines or ['?'])[-1]}")
+            last = app.message.strip().splitlines()[-1] if app.message.strip() else str(app.status)
+        time.sleep(1)
+    raise TimeoutError(f"app '{name}' not {'gone' if gone else 'RUNNING'} after {timeout_s:.0f} s: {last}")
+
+
+def groups_by_app() -> dict[str, list[dict[str, Any]]]:
+    """Serve's placement groups that hold GPUs, per app: ``[{node_id, gpus, state}]`` per replica group."""
+    import ray.util
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for pg in ray.util.placement_group_table().values():
+        name = pg.get("name") or ""
+        if pg.get("state") == "REMOVED" or not name.startswith("SERVE_REPLICA::"):
+            continue
+        app = name.removeprefix("SERVE_REPLICA::").split("#", 1)[0]
+        gpus = sum(int(b.get("GPU", 0)) for b in pg.get("bundles", {}).values())
+        if gpus:
+            nodes = sorted(set(pg.get("bundles_to_node_id", {}).values()))
+            out.setdefault(app, []).append({"node_id": ",".join(nodes), "gpus": gpus, "state": pg.get("state")})
+    return out
+
+
+def list_text(taps: dict[str, dict[str, Any]]) -> str:
+    """``tap list``: each tap's GPUs reserved and replicas, then each node's GPUs total and free."""
+    from ray import serve
+
+    apps = serve.status().applications
+    groups = groups_by_app()
+    capacity = snapshot()
+    names = sorted({*(f"private-{c}" for c in taps), *(a for a in apps if a.startswith("private-"))})
+    lines = []
+    for name in names:
+        client = name.removeprefix("private-")
+        entry = taps.get(client, {})
+        spec = entry.get("spec", {})
+        app = apps.get(name)
+        status = str(getattr(app.status, "value", app.status)) if app else "NOT DEPLOYED"
+        held = [g for g in groups.get(name, []) if g["state"] == "CREATED"]
+        reserved = sum(g["gpus"] for g in held)
+        nodes = ", ".join(sorted({g["node_id"][:12] for g in held})) or "-"
+        asked = entry.get("asked_max_replicas")
+        cap_note = f" (asked {asked}; capped by capacity)" if asked and asked != spec.get("max_replicas") else ""
+        lines.append(
+            f"{name}: {status}, {spec.get('gpus', '?')} GPUs per replica, replicas {len(held)} "
+            f"(min {spec.get('min_replicas', '?')}, max {spec.get('max_replicas', '?')}{cap_note}), "
+            f"{reserved} GPUs reserved on node {nodes}, model {spec.get('model', '?')}"
+        )
+    for node in capacity.nodes:
+        lines.append(f"node {node.node_id[:12]} ({node.address}): {node.free} of {node.total} GPUs free")
+    return "\n".join(lines) if lines else "no private taps"

@@ -1,0 +1,272 @@
+"""The Public Tap's billing over HTTP, against the session's real stack (Ray, Serve, vLLM CPU, DuckDB).
+
+Each test makes its own tenant through the admin API, so tests never share a balance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import ray
+
+from orch.ledger import Price, cost
+from tests.integration.conftest import MODEL, NUM_GPUS, Stack, cli
+
+pytestmark = pytest.mark.integration
+
+PRICE = Price(1_000_000, 2_000_000)  # configs/local.yaml's price of the default model
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def admin(stack: Stack, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    resp = httpx.request(method, stack.base_url + path, json=body, headers=stack.admin_headers, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def new_tenant(stack: Stack, micro_credits: int) -> tuple[str, str]:
+    """A fresh tenant with one grant and one key: (tenant_id, key)."""
+    tenant = admin(stack, "POST", "/admin/tenants", {"name": f"test-{uuid.uuid4().hex[:6]}"})["tenant_id"]
+    if micro_credits:
+        grant = {"micro_credits": micro_credits, "idempotency_key": f"{tenant}-first"}
+        admin(stack, "POST", f"/admin/tenants/{tenant}/grants", grant)
+    key = admin(stack, "POST", f"/admin/tenants/{tenant}/keys", {})["key"]
+    return tenant, key
+
+
+def account(stack: Stack, tenant: str, settled: bool = True) -> dict[str, Any]:
+    """The tenant's account; with ``settled``, once no hold is open (settles run after the response)."""
+    deadline = time.monotonic() + 30
+    while True:
+        a: dict[str, Any] = admin(stack, "GET", f"/admin/tenants/{tenant}/account")
+        if not settled or a["held_micro_credits"] == 0 or time.monotonic() > deadline:
+            return a
+        time.sleep(0.1)
+
+
+def usage(stack: Stack, tenant: str) -> dict[str, Any]:
+    result: dict[str, Any] = admin(stack, "GET", f"/admin/tenants/{tenant}/usage")
+    return result
+
+
+def chat(stack: Stack, key: str, **extra: Any) -> httpx.Response:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "temperature": 0, **extra}
+    return httpx.post(
+        stack.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
+    )
+
+
+def test_auth_is_required_and_openai_shaped(stack: Stack) -> None:
+    for headers in ({}, {"Authorization": "Bearer sk-orch-nope"}, {"Authorization": "Basic x"}):
+        resp = httpx.get(stack.v1 + "/models", headers=headers)
+        assert resp.status_code == 401, resp.text
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=stack.v1, api_key="sk-orch-wrong", max_retries=0).models.list()
+    # Admin routes refuse tenant keys; tenant routes refuse the admin key.
+    assert httpx.get(stack.base_url + "/admin/tenants", headers=stack.headers).status_code == 403
+    assert httpx.get(stack.base_url + "/admin/tenants").status_code == 401
+    assert httpx.get(stack.v1 + "/account", headers=stack.admin_headers).status_code == 403
+    assert httpx.get(stack.base_url + "/health").status_code == 200  # open
+
+
+def test_revoked_key_is_refused_within_5_seconds(stack: Stack) -> None:
+    tenant, key = new_tenant(stack, 1_000_000)
+    assert chat(stack, key, max_tokens=1).status_code == 200
+    key_id = key.removeprefix("sk-orch-").split("-")[0]
+    admin(stack, "DELETE", f"/admin/keys/{key_id}")
+    t0 = time.monotonic()
+    while chat(stack, key, max_tokens=1).status_code == 200:
+        assert time.monotonic() - t0 < 5.5, "a revoked key still works after 5 s"
+        time.sleep(0.2)
+    resp = chat(stack, key, max_tokens=1)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def hold_of_question(max_tokens: int) -> int:
+    """The hold the gateway takes for QUESTION: computed from the replica's measured prompt limits."""
+    from ray import serve
+
+    from orch.billing import hold_amount, prompt_token_bound
+
+    limits = serve.get_deployment_handle(f"model-{MODEL}", app_name="public").limits.remote().result(timeout_s=60)
+    return hold_amount(PRICE, limits, prompt_token_bound(limits, messages=[QUESTION[0]["content"]]), max_tokens)
+
+
+def test_tenant_flow_402_at_zero_then_grant_works_again(stack: Stack, ray_driver: None) -> None:
+    granted = hold_of_question(8) + 1  # the first request's hold fits; after its charge the next one doesn't
+    tenant, key = new_tenant(stack, granted)
+    first = chat(stack, key)
+    assert first.status_code == 200, first.text
+    u = first.json()["usage"]
+    charged = cost(PRICE, u["prompt_tokens"], u["completion_tokens"])
+    a = account(stack, tenant)
+    assert a["balance_micro_credits"] == granted - charged and a["spent_micro_credits"] == charged
+
+    refused = chat(stack, key)  # the hold (worst case) no longer fits the balance
+    assert refused.status_code == 402, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_credits")
+    with pytest.raises(openai.APIStatusError) as err:
+        openai.OpenAI(base_url=stack.v1, api_key=key, max_retries=0).chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            max_tokens=8,  # type: ignore[arg-type]
+        )
+    assert err.value.status_code == 402
+    assert account(stack, tenant)["balance_micro_credits"] == granted - charged  # a refusal costs nothing
+
+    admin(stack, "POST", f"/admin/tenants/{tenant}/grants", {"micro_credits": 1_000, "idempotency_key": "top-up"})
+    again = admin(
+        stack, "POST", f"/admin/tenants/{tenant}/grants", {"micro_credits": 1_000, "idempotency_key": "top-up"}
+    )
+    assert again["replayed"] is True  # a repeated grant is applied once
+    conflict = httpx.post(
+        f"{stack.base_url}/admin/tenants/{tenant}/grants",
+        json={"micro_credits": 5, "idempotency_key": "top-up"},
+        headers=stack.admin_headers,
+    )
+    assert conflict.status_code == 409
+    assert chat(stack, key).status_code == 200
+
+    # The tenant sees the same through its own key.
+    own = httpx.get(stack.v1 + "/account", headers={"Authorization": f"Bearer {key}"}).json()
+    assert own["balance_micro_credits"] == account(stack, tenant)["balance_micro_credits"]
+    assert [g["micro_credits"] for g in own["grants"]] == [granted, 1_000]
+    report = httpx.get(stack.v1 + "/usage?group_by=model", headers={"Authorization": f"Bearer {key}"}).json()
+    assert report["totals"]["requests"] == 2
+    spent = own["spent_micro_credits"]
+    assert report["totals"]["cost_micro_credits"] == spent == granted + 1_000 - own["balance_micro_credits"]
+    assert [g["key"] for g in report["data"]] == [MODEL]
+
+
+async def _stream(client: httpx.AsyncClient, url: str, key: str) -> tuple[int, dict[str, int] | None]:
+    body = {
+        "model": MODEL, "messages": QUESTION, "max_tokens": 8, "stream": True,
+        "stream_options": {"include_usage": True}, "ignore_eos": True,
+    }  # fmt: skip
+    async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return resp.status_code, None
+        usage = None
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
+        return 200, usage
+
+
+def test_200_concurrent_streams_never_overspend(stack: Stack, ray_driver: None) -> None:
+    hold = hold_of_question(8)
+    grant = 20 * hold + hold // 2  # covers about 20 holds at once
+    tenant, key = new_tenant(stack, grant)
+
+    async def run() -> list[tuple[int, dict[str, int] | None]]:
+        limits_ = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=600, limits=limits_) as client:
+            return await asyncio.gather(*(_stream(client, stack.v1 + "/chat/completions", key) for _ in range(200)))
+
+    results = asyncio.run(run())
+    statuses = [s for s, _ in results]
+    ok = [u for s, u in results if s == 200]
+    assert set(statuses) <= {200, 402}, statuses
+    assert 20 <= len(ok) < 200 and statuses.count(402) >= 1, (len(ok), statuses.count(402))
+    a = account(stack, tenant)
+    assert a["held_micro_credits"] == 0 and a["balance_micro_credits"] >= 0
+    charged = sum(cost(PRICE, u["prompt_tokens"], u["completion_tokens"]) for u in ok if u)
+    assert all(u is not None and u["completion_tokens"] == 8 for u in ok)
+    report = usage(stack, tenant)
+    assert report["totals"]["requests"] == len(ok)
+    assert (
+        report["totals"]["cost_micro_credits"]
+        == a["spent_micro_credits"]
+        == charged
+        == grant - a["balance_micro_credits"]
+    )
+
+
+def _ledger_actor() -> Any:
+    return ray.get_actor("tenant-ledger-0", namespace="llama-orch")
+
+
+def test_killing_the_ledger_under_load_loses_and_doubles_nothing(stack: Stack, ray_driver: None) -> None:
+    tenant, key = new_tenant(stack, 10_000_000)
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=600) as client:
+
+            async def one(i: int) -> int:
+                await asyncio.sleep(i * 0.05)
+                body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4, "temperature": 0}
+                url = stack.v1 + "/chat/completions"
+                resp = await client.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+                return resp.status_code
+
+            async def kill() -> None:
+                await asyncio.sleep(0.6)
+                ray.kill(_ledger_actor(), no_restart=False)  # restarts and replays its file
+
+            results = await asyncio.gather(*(one(i) for i in range(40)), kill())
+            return [r for r in results if r is not None]
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) >= 30, statuses  # the gateway waits out the restart: requests succeed
+    assert set(statuses) <= {200, 503}, statuses
+    a = account(stack, tenant)
+    assert a["held_micro_credits"] == 0
+    report = usage(stack, tenant)
+    assert report["totals"]["requests"] == statuses.count(200)  # one row per served request, none doubled
+    assert report["totals"]["cost_micro_credits"] == a["spent_micro_credits"] == 10_000_000 - a["balance_micro_credits"]
+    audit = ray.get(_ledger_actor().call.remote("audit"), timeout=60)
+    assert audit["debited"] == audit["usage_cost"]
+    assert audit["granted"] - audit["debited"] - audit["held"] >= audit["balance"]  # expired grants forfeit
+
+
+def test_disconnect_mid_stream_charges_the_tokens_produced(stack: Stack) -> None:
+    tenant, key = new_tenant(stack, 10_000_000)
+    story = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    body = {"model": MODEL, "messages": story, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    received = 0
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.stream("POST", stack.v1 + "/chat/completions", json=body, headers=headers, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                received += 1
+            if received >= 5:
+                break
+    a = account(stack, tenant)  # waits until the hold is settled
+    assert a["held_micro_credits"] == 0 and a["open_holds"] == []
+    rows = usage(stack, tenant)["data"]
+    assert len(rows) == 1 and rows[0]["status"] == "aborted", rows
+    row = rows[0]
+    assert 5 <= row["completion_tokens"] < 1500  # what the engine produced before the abort, not the hold
+    assert row["cost_micro"] == cost(PRICE, row["prompt_tokens"], row["completion_tokens"])
+    assert a["spent_micro_credits"] == row["cost_micro"] == 10_000_000 - a["balance_micro_credits"]
+
+
+@pytest.mark.restarts_stack
+def test_restarting_the_whole_stack_keeps_every_balance(stack: Stack) -> None:
+    tenant, key = new_tenant(stack, 5_000)
+    assert chat(stack, key).status_code == 200
+    before = {t["tenant_id"]: account(stack, t["tenant_id"]) for t in admin(stack, "GET", "/admin/tenants")["data"]}
+    audit_before = usage(stack, tenant)["totals"]
+
+    down = cli("--data-dir", str(stack.data_dir), "down", timeout=120)
+    assert down.returncode == 0, down.stderr
+    up = cli("--data-dir", str(stack.data_dir), "up", "--config", str(stack.config_path), "--num-gpus", str(NUM_GPUS))
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert stack.key not in up.stdout  # the demo key is shown once, on the first start only
+
+    after = {t["tenant_id"]: account(stack, t["tenant_id"]) for t in admin(stack, "GET", "/admin/tenants")["data"]}
+    assert after == before
+    assert usage(stack, tenant)["totals"] == audit_before
+    assert chat(stack, key).status_code == 200  # keys and balance still work
+    assert chat(stack, stack.key).status_code == 200
