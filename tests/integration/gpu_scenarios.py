@@ -18,7 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.gpu_group import VIEW_LAG_S, GPUGroup
+from actors.gpu_group import GPUGroup
 from orch.capacity import Capacity, InsufficientGPUs, snapshot
 
 
@@ -42,6 +42,17 @@ def capacity_dict(capacity: Capacity) -> dict[str, Any]:
     return {"nodes": [node._asdict() for node in capacity.nodes], "total": capacity.total, "free": capacity.free}
 
 
+def settled_view(free: int, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The capacity view once it shows ``free`` GPUs (it trails changes by one raylet report, longer
+    on a loaded machine), or as it stands after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    view = capacity_dict(snapshot())
+    while view["free"] != free and time.monotonic() < deadline:
+        time.sleep(0.1)
+        view = capacity_dict(snapshot())
+    return view
+
+
 def try_reserve(group: GPUGroup, timeout_s: float) -> dict[str, Any]:
     start = time.monotonic()
     try:
@@ -57,20 +68,18 @@ def one_node() -> dict[str, Any]:
     out: dict[str, Any] = {"initial": capacity_dict(snapshot())}
     groups = {"four": GPUGroup(4), "two_a": GPUGroup(2), "two_b": GPUGroup(2)}
     out["reserve"] = {name: try_reserve(group, timeout_s=20) for name, group in groups.items()}
-    out["after_reserve"] = capacity_dict(snapshot())
+    out["after_reserve"] = settled_view(0)
     out["bundles"] = {name: bundle_view(g.placement_group) for name, g in groups.items() if g.placement_group}
     one = GPUGroup(1)
     out["fourth_refused"] = try_reserve(one, timeout_s=10)
     groups["two_b"].release()
-    time.sleep(VIEW_LAG_S)  # the free-GPU view trails a release by one raylet report
-    out["after_release"] = capacity_dict(snapshot())
+    out["after_release"] = settled_view(2)  # the free-GPU view trails a release by one raylet report
     out["fourth_after_release"] = try_reserve(one, timeout_s=20)
     if one.placement_group:
         out["bundles"]["one"] = bundle_view(one.placement_group)
     for group in [*groups.values(), one]:
         group.release()
-    time.sleep(VIEW_LAG_S)
-    out["after_all_released"] = capacity_dict(snapshot())
+    out["after_all_released"] = settled_view(8)
     ray.shutdown()
     return out
 
@@ -95,7 +104,7 @@ def two_nodes() -> dict[str, Any]:
         assert group.placement_group is not None, out
         out["bundles_to_node_id"] = placement_group_table(group.placement_group)["bundles_to_node_id"]
         out["bundles"] = bundle_view(group.placement_group)
-        out["after_reserve"] = capacity_dict(snapshot())
+        out["after_reserve"] = settled_view(0)
         out["one_refused"] = try_reserve(GPUGroup(1), timeout_s=10)
         group.release()
         ray.shutdown()
