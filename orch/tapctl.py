@@ -21,6 +21,10 @@ TAPS_FILE = "taps.json"
 PRIVATE_IMPORT_PATH = "apps.private_tap:build"
 
 
+def gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
 def load_taps(root: Path) -> dict[str, dict[str, Any]]:
     """The registered taps; a file that exists but does not parse stops everything (never read as none)."""
     path = root / TAPS_FILE
@@ -66,11 +70,11 @@ def check_capacity(spec: TapSpec, capacity: Capacity, held_by_tap: int = 0) -> t
         if need == 1 or capacity.max_replicas_that_fit(spec.gpus) == 0:
             raise InsufficientGPUs(capacity.shortfall_message(spec.gpus))
         raise InsufficientGPUs(
-            f"needs {need} groups of {spec.gpus} GPUs, {fit} fit ({capacity.free} free of {capacity.total})"
+            f"needs {need} groups of {gpus(spec.gpus)}, {fit} fit ({capacity.free} free of {capacity.total})"
         )
     if spec.max_replicas <= fit:
         return spec.max_replicas, None
-    return fit, f"max_replicas {spec.max_replicas} -> {fit}: only {fit} groups of {spec.gpus} GPUs fit now"
+    return fit, f"max_replicas {spec.max_replicas} -> {fit}: only {fit} groups of {gpus(spec.gpus)} fit now"
 
 
 def wait_app(name: str, timeout_s: float, *, gone: bool = False) -> None:
@@ -133,7 +137,7 @@ def list_text(taps: dict[str, dict[str, Any]]) -> str:
         asked = entry.get("asked_max_replicas")
         cap_note = f" (asked {asked}; capped by capacity)" if asked and asked != spec.get("max_replicas") else ""
         lines.append(
-            f"{name}: {status}, {spec.get('gpus', '?')} GPUs per replica, replicas {len(held)} "
+            f"{name}: {status}, {gpus(spec['gpus']) if 'gpus' in spec else '? GPUs'} per replica, replicas {len(held)} "
             f"(min {spec.get('min_replicas', '?')}, max {spec.get('max_replicas', '?')}{cap_note}), "
             f"{reserved} GPUs reserved on node {nodes}, model {spec.get('model', '?')}"
         )

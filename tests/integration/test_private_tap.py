@@ -229,3 +229,25 @@ def test_serve_deploy_of_a_config_with_a_private_tap(stack: Stack, tiny: Path, r
         base_path.write_text(yaml.safe_dump(base))
         deploy(base_path)
         wait_app("private-acme", 300, gone=True)
+
+
+def test_a_tap_without_gateway_is_reachable_only_by_handle_and_scales(
+    stack: Stack, tiny: Path, taps: list[str], ray_driver: None
+) -> None:
+    from ray import serve
+
+    from orch.engine import GenerationRequest
+
+    assert create(stack, tiny, "lab", 1, "--no-gateway") == ""  # no HTTP, so no key is made
+    taps.append("lab")
+    handle = serve.get_deployment_handle(f"model-{TINY}", app_name="private-lab")
+    request = GenerationRequest("lab-1", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, ignore_eos=True)
+    deltas = list(handle.options(stream=True).generate.remote(request))
+    assert deltas[-1].completion_tokens == 4 and deltas[-1].finish_reason == "length"
+    assert httpx.get(f"{stack.base_url}/private/lab/v1/models", headers=stack.headers).status_code == 404
+
+    scaled = tap(stack, "scale", "lab", "--max", "2")
+    assert scaled.returncode == 0, scaled.stderr
+    assert re.search(r"private-lab: RUNNING, 1 GPU per replica, replicas 1 \(min 1, max 2\)", tap(stack, "list").stdout)
+    too_many = tap(stack, "scale", "lab", "--min", "9", "--max", "9", timeout=120)
+    assert too_many.returncode == 1 and "needs 9 groups of 1 GPU, 8 fit" in too_many.stderr, too_many.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -272,3 +273,28 @@ def test_restarting_the_whole_stack_keeps_every_balance(stack: Stack) -> None:
     assert usage(stack, tenant)["totals"] == audit_before
     assert chat(stack, key).status_code == 200  # keys and balance still work
     assert chat(stack, stack.key).status_code == 200
+
+
+def test_readme_tenant_flow_with_the_cli(stack: Stack) -> None:
+    """The README's tenant flow, command by command: create -> key -> grant 80 -> call -> 402 -> grant -> call."""
+
+    def orch(*args: str) -> str:
+        done = cli("--data-dir", str(stack.data_dir), *args, timeout=120)
+        assert done.returncode == 0, (args, done.stderr)
+        return done.stdout.strip()
+
+    tenant = orch("tenants", "create", "acme")
+    assert re.fullmatch(r"t-[0-9a-f]{12}", tenant)
+    made = cli("--data-dir", str(stack.data_dir), "keys", "create", tenant, timeout=120)
+    key, key_id = made.stdout.strip(), re.search(r"key (\w+) for tenant", made.stderr).group(1)  # type: ignore[union-attr]
+    assert "granted 80 µc" in orch("credits", "grant", tenant, "80")
+    hi = [{"role": "user", "content": "Hi"}]
+    assert chat(stack, key, messages=hi).status_code == 200
+    assert chat(stack, key, messages=hi).status_code == 402
+    orch("credits", "grant", tenant, "1000000")
+    assert chat(stack, key, messages=hi).status_code == 200
+    account_text = orch("account", tenant)
+    assert f"tenant {tenant} (acme)" in account_text and "expires 20" in account_text
+    assert orch("usage", tenant, "--group-by", "model").startswith("2 requests")
+    assert json.loads(orch("account", tenant, "--json"))["held_micro_credits"] == 0
+    assert orch("keys", "revoke", key_id) == f"revoked {key_id}"
