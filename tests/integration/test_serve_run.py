@@ -22,18 +22,20 @@ def test_serve_run_local_yaml_answers(tmp_path: Path, model_dir: Path) -> None:
     config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port  # the shipped file, on a free port; model source stays "default"
-    config_path = tmp_path / "local.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    head = start_head(tmp_path / "ray", num_cpus=8, num_gpus=0)
     data = tmp_path / "data"  # its own ledger and admin key; the default model's folder is shared
     data.mkdir()
     (data / "models").symlink_to(model_dir.parent)
+    # Replicas run in the cluster's workers, not in `serve run`'s process: the data dir goes in the args.
+    config["applications"][0]["args"]["data_dir"] = str(data)
+    config_path = tmp_path / "local.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    head = start_head(tmp_path / "ray", num_cpus=8, num_gpus=0)
     serve_cli = Path(sys.executable).parent / "serve"
     log = open(tmp_path / "serve-run.log", "wb")
     proc = subprocess.Popen(
         [str(serve_cli), "run", "--address", head.gcs_address, str(config_path)],
         cwd=REPO,
-        env={**_env(), **head.client_env(), "LLAMA_ORCH_DATA_DIR": str(data)},
+        env={**_env(), **head.client_env()},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
