@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 NAMESPACE = "llama-orch"
 
 
+def tenant_id_of(op_id: str) -> str:
+    """The id of the tenant a CreateTenant ``op_id`` creates: derived, so a client can route it to its
+    shard before the ledger answers, and a retry names the same tenant."""
+    return "t-" + hashlib.sha256(op_id.encode()).hexdigest()[:12]
+
+
 def shard_name(shard: int = 0) -> str:
     return f"tenant-ledger-{shard}"
 
@@ -107,9 +113,8 @@ class LedgerService:
 
     async def create_tenant(self, name: str, op_id: str | None = None) -> Result:
         """A new tenant. With ``op_id`` the tenant id derives from it, so a retry returns the same tenant."""
-        seed = op_id.encode() if op_id else uuid.uuid4().bytes
-        tenant_id = "t-" + hashlib.sha256(seed).hexdigest()[:12]
-        return await self.apply(CreateTenant(op_id or f"tenant-{tenant_id}", tenant_id, name))
+        op_id = op_id or f"tenant-{uuid.uuid4().hex}"
+        return await self.apply(CreateTenant(op_id, tenant_id_of(op_id), name))
 
     def tenant_list(self) -> list[dict[str, Any]]:
         out = []
@@ -291,8 +296,6 @@ class LedgerClient:
 
     async def create_tenant(self, name: str, op_id: str | None = None) -> Result:
         """Creates the tenant on the shard its id hashes to (the id derives from ``op_id`` when given)."""
-        seed = op_id.encode() if op_id else uuid.uuid4().bytes
-        op_id = op_id or "tenant-" + hashlib.sha256(seed).hexdigest()[:12]
-        tenant_id = "t-" + hashlib.sha256(op_id.encode()).hexdigest()[:12]
-        result: Result = await self.tenant_call(tenant_id, "create_tenant", name, op_id)
+        op_id = op_id or f"tenant-{uuid.uuid4().hex}"
+        result: Result = await self.tenant_call(tenant_id_of(op_id), "create_tenant", name, op_id)
         return result

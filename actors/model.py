@@ -73,7 +73,6 @@ class ModelActor:
     def describe(self) -> dict[str, Any]:
         """Node, the GPU ids of this replica's group (asked of each bundle, as vLLM's workers would see
         them), and the engine's parallelism with the note when it differs from the group."""
-        import ray
         from ray.util import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -48,7 +48,7 @@ from orch.errors import (
     NotFound,
 )
 from orch.keys import load_or_create_admin_key
-from orch.ledger import Code, Hold, Price, Release, Result, Settle, cost
+from orch.ledger import Code, GrantCredits, Hold, Price, Release, Result, Settle, cost
 from orch.protocol import (
     ChatCompletionRequest,
     ChunkWriter,
@@ -447,8 +447,6 @@ class Gateway:
         return JSONResponse({"object": "api_key", "key_id": key_id, "revoked": True})
 
     async def _grant(self, request: Request, principal: Principal, tenant_id: str) -> Response:
-        from orch.ledger import GrantCredits
-
         body: GrantBody = parse_body(GrantBody, await request.body())
         op = GrantCredits(f"grant-{body.idempotency_key}", tenant_id, body.micro_credits)
         result = await self._ledger.apply(tenant_id, op)

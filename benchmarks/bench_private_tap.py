@@ -34,19 +34,13 @@ from typing import Any
 import httpx
 import yaml
 
+from benchmarks.bench_gateway import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 ENGINE = ["--engine=max_model_len=512", "--engine=max_num_seqs=8", "--engine=kv_cache_memory_bytes=67108864",
           "--engine=env={VLLM_HOST_IP: 127.0.0.1, VLLM_CPU_KVCACHE_SPACE: '1'}"]  # fmt: skip
 FAST = ["--set=upscale_delay_s=0", "--set=downscale_delay_s=5", "--set=target_ongoing_requests=1",
         "--set=metrics_interval_s=0.5", "--set=look_back_period_s=2"]  # fmt: skip
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def orch(data: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
