@@ -15,6 +15,7 @@ import asyncio
 import gc
 import hashlib
 import logging
+import os
 import time
 import uuid
 import zlib
@@ -23,8 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from orch.keys import generate_key, hash_secret, parse_key
-from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, utc_now
+from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
+from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
 from orch.store import ApiKeyRecord, Batch, Store, UsageReport, UsageRow
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,31 @@ def shard_name(shard: int = 0) -> str:
 class LedgerService:
     """Ledger + store + group commit.
 
+    If a commit fails, the in-memory ledger is ahead of the file: it is rebuilt from the file and the
+    batch's callers get :class:`LedgerUnavailable` (they retry with the same op ids). If that rebuild
+    fails too, the service is *broken*: every pending and later call raises ``LedgerUnavailable`` at
+    once, and ``on_broken`` runs (the actor exits its process, so Ray restarts it and it replays).
+
     >>> service = LedgerService(Path(".orch/ledger-0.duckdb"))  # doctest: +SKIP
     >>> await service.apply(GrantCredits("grant-1", "t1", 5_000_000))  # doctest: +SKIP
     """
 
-    def __init__(self, db_path: Path, clock: Callable[[], datetime] = utc_now) -> None:
-        self._store = Store(db_path)
+    USAGE_QUERIES = 2  # usage reports run at once in worker threads; more wait (they never block holds)
+
+    def __init__(
+        self,
+        db_path: Path,
+        clock: Callable[[], datetime] = utc_now,
+        *,
+        store: Store | None = None,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
+        self._db_path = db_path
+        self._store = Store(db_path) if store is None else store
         self._clock = clock
+        self._on_broken = on_broken
+        self._broken: str | None = None  # why the service refuses every call, once it is broken
+        self._usage_slots = asyncio.Semaphore(self.USAGE_QUERIES)
         self._ledger = Ledger(clock)
         replayed = self._ledger.replay(self._store.load_ops())
         self._ledger.check_invariants()
@@ -62,9 +81,23 @@ class LedgerService:
         self._flusher: asyncio.Task[None] | None = None
         log.info("ledger %s: replayed %d ops", db_path, replayed)
 
+    def check_usable(self) -> None:
+        """Raises :class:`LedgerUnavailable` once the service is broken (see the class docstring)."""
+        if self._broken is not None:
+            raise LedgerUnavailable(self._broken)
+
     async def apply(self, op: Op, usage: UsageRow | None = None) -> Result:
-        """Applies ``op``; returns its result once durable. ``usage`` is written only if ``op`` is OK."""
+        """Applies ``op``; returns its result once durable. ``usage`` is written only if ``op`` is OK.
+
+        A Settle's usage row must cost what it settles. A late settle (``result.late``) may debit less
+        (the hold had expired and the balance was short): the row is then written with the cost
+        actually debited, ``result.micro_credits``, so Σ usage cost stays Σ debits."""
+        self.check_usable()
+        if usage is not None and type(op) is Settle and usage.cost_micro != op.micro_credits:
+            raise ValueError(f"usage row {usage.request_id} costs {usage.cost_micro}, its settle {op.micro_credits}")
         result = self._ledger.apply(op)
+        if usage is not None and result.late and result.code is Code.OK:
+            usage = usage._replace(cost_micro=result.micro_credits)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.append((op, result, usage, future))
         if self._flusher is None or self._flusher.done():
@@ -73,6 +106,7 @@ class LedgerService:
 
     async def record(self, usage: UsageRow) -> Result:
         """Writes a usage row without money (contract billing); acknowledged once durable."""
+        self.check_usable()
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         result = Result(Code.OK, usage.request_id, self._clock(), usage.tenant_id)
         self._pending.append((None, result, usage, future))
@@ -92,15 +126,27 @@ class LedgerService:
                 self._store.commit(batch)
             except Exception as exc:
                 log.error("ledger commit failed (%s); rebuilding from the file", type(exc).__name__)
-                self._ledger = Ledger(self._clock)
-                self._ledger.replay(self._store.load_ops())
-                for *_, future in items:
-                    if not future.done():
-                        future.set_exception(LedgerUnavailable("ledger commit failed; retry with the same op id"))
+                _fail(items, "ledger commit failed; retry with the same op id")
+                try:
+                    rebuilt = Ledger(self._clock)
+                    rebuilt.replay(self._store.load_ops())
+                except Exception as replay_exc:
+                    self._break(f"ledger commit failed, then its replay ({type(replay_exc).__name__}: {replay_exc})")
+                    return
+                self._ledger = rebuilt
                 continue
             for _, result, _, future in items:
                 if not future.done():
                     future.set_result(result)
+
+    def _break(self, why: str) -> None:
+        """Refuses everything from now on, fails every waiting caller, and asks for a restart."""
+        log.critical("ledger %s is broken: %s; refusing every call until a restart", self._db_path, why)
+        self._broken = why
+        items, self._pending = self._pending, []
+        _fail(items, why)
+        if self._on_broken is not None:
+            self._on_broken()
 
     async def expire_holds(self) -> Result | None:
         """Releases timed-out holds when one is due; run periodically."""
@@ -135,6 +181,15 @@ class LedgerService:
 
     def revoke_key(self, key_id: str) -> bool:
         return self._store.revoke_key(key_id, self._clock())
+
+    def revoke_tap_keys(self, tap: str) -> int:
+        """Revokes every live key issued for ``tap`` (before a deleted tap's name can be reused); the count."""
+        return self._store.revoke_tap_keys(tap, self._clock())
+
+    def admin_key(self) -> str:
+        """The stack's one admin key, as this shard's node has it (``$LLAMA_ORCH_ADMIN_KEY``, else the data
+        dir's ``admin_key`` file): gateway replicas on any node ask shard 0 for it."""
+        return load_or_create_admin_key(self._db_path.parent)
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
         return self._store.get_key(key_id)
@@ -176,9 +231,23 @@ class LedgerService:
             ],
         }
 
-    def usage(self, tenant_id: str | None, since: datetime | None, until: datetime | None,
-              group_by: str | None) -> UsageReport:  # fmt: skip
-        return self._store.usage(tenant_id, since=since, until=until, group_by=group_by)  # type: ignore[arg-type]
+    async def usage(self, tenant_id: str | None, since: datetime | None, until: datetime | None,
+                    group_by: str | None) -> UsageReport:  # fmt: skip
+        """The usage report, computed in a worker thread on a DuckDB cursor of its own: a scan of a large
+        usage table never holds up the loop that applies and commits holds and settles."""
+        async with self._usage_slots:
+            cursor = self._store.cursor()
+            try:
+                return await asyncio.to_thread(
+                    self._store.usage,
+                    tenant_id,
+                    since=since,
+                    until=until,
+                    group_by=group_by,
+                    con=cursor,  # type: ignore[arg-type]
+                )
+            finally:
+                cursor.close()
 
     def audit(self) -> dict[str, int]:
         self._ledger.check_invariants()
@@ -192,12 +261,25 @@ class LedgerService:
         self._store.close()
 
 
+def _fail(items: list[tuple[Op | None, Result, UsageRow | None, asyncio.Future[Result]]], why: str) -> None:
+    for *_, future in items:
+        if not future.done():
+            future.set_exception(LedgerUnavailable(why))
+
+
 class TenantLedgerActor:
-    """Ray shell over :class:`LedgerService`: lifecycle and a hold-expiry tick; calls forward."""
+    """Ray shell over :class:`LedgerService`: lifecycle and a hold-expiry tick; calls forward. A broken
+    service exits the process (after its callers got their answers) so that Ray restarts the actor."""
+
+    EXIT_DELAY_S = 0.5  # lets the replies of the failed calls leave the process first
 
     def __init__(self, db_path: str) -> None:
-        self.service = LedgerService(Path(db_path))
+        self.service = LedgerService(Path(db_path), on_broken=self._exit_for_restart)
         self._ticker: asyncio.Task[None] | None = None
+
+    def _exit_for_restart(self) -> None:
+        # os._exit, not ray.actor.exit_actor: an intended exit is never restarted; a crash is (max_restarts=-1).
+        asyncio.get_running_loop().call_later(self.EXIT_DELAY_S, os._exit, 1)
 
     async def _tick(self) -> None:
         while True:
@@ -208,6 +290,7 @@ class TenantLedgerActor:
                 log.warning("expire_holds failed: %s", exc)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.service.check_usable()
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick())
         result = getattr(self.service, method)(*args, **kwargs)
@@ -219,8 +302,13 @@ class TenantLedgerActor:
         return True
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has it; the data dir is the head's
+
+
 def ledger_actor(data_dir: Path, shard: int = 0) -> Any:
-    """The shard's actor handle, creating it (detached, named, restarting) if it does not exist."""
+    """The shard's actor handle, creating it (detached, named, restarting) if it does not exist. Pinned
+    to the head node, where ``llama-orch up`` runs and the DuckDB file lives: a restart elsewhere would
+    open an empty ledger."""
     import ray
 
     actor_cls = ray.remote(TenantLedgerActor).options(  # type: ignore[attr-defined]
@@ -232,19 +320,20 @@ def ledger_actor(data_dir: Path, shard: int = 0) -> Any:
         max_task_retries=-1,
         max_concurrency=1000,
         num_cpus=0,
+        resources={HEAD_NODE_RESOURCE: 0.001},
     )
     return actor_cls.remote(str(data_dir / f"ledger-{shard}.duckdb"))
 
 
 class LedgerUnavailable(RuntimeError):
-    """The ledger did not answer within the retry deadline."""
+    """The ledger did not answer within the retry deadline, or could not commit (retry the same op id)."""
 
 
 class LedgerClient:
     """Calls the ledger shards from another process (the gateway, the CLI): routes a tenant to its shard
     (crc32 of the tenant id, stable across processes), and retries a call the actor could not take
-    (restarting, or dead and recreated) until ``deadline_s``. Every mutation it sends carries an op id,
-    so a retry returns the first result instead of applying twice."""
+    (restarting, dead and recreated, or refusing after a failed commit) until ``deadline_s``. Every
+    mutation it sends carries an op id, so a retry returns the first result instead of applying twice."""
 
     def __init__(self, data_dir: Path, shards: int = 1, deadline_s: float = 60.0) -> None:
         self._data_dir = data_dir
@@ -271,7 +360,7 @@ class LedgerClient:
         while True:
             try:
                 return await self._handle(shard).call.remote(method, *args)
-            except (RayActorError, ActorUnavailableError) as exc:
+            except (RayActorError, ActorUnavailableError, LedgerUnavailable) as exc:
                 if time.monotonic() + delay > deadline:
                     raise LedgerUnavailable(f"ledger shard {shard} unavailable: {type(exc).__name__}") from exc
                 log.warning("ledger shard %d: %s; retrying", shard, type(exc).__name__)

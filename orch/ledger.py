@@ -56,7 +56,7 @@ class Code(StrEnum):
     HOLD_NOT_FOUND = "hold_not_found"
     HOLD_SETTLED = "hold_settled"  # the hold already ended by a settle (under another op_id)
     HOLD_RELEASED = "hold_released"
-    HOLD_EXPIRED = "hold_expired"  # timed out: it can no longer be settled, only released or expired
+    HOLD_EXPIRED = "hold_expired"  # timed out and released: a Release is refused; a Settle still charges (late)
     SETTLE_EXCEEDS_HOLD = "settle_exceeds_hold"
 
 
@@ -88,7 +88,13 @@ class Hold(NamedTuple):
 
 
 class Settle(NamedTuple):
-    """Debits ``micro_credits`` (≤ the hold) from the hold's allocation and releases the rest."""
+    """Debits ``micro_credits`` (≤ the hold) from the hold's allocation and releases the rest.
+
+    A settle that comes after the hold timed out is *late* (``Result.late``): a request must never be
+    free because it outlived its hold. If the hold is still reserved it is debited as usual; if
+    ``ExpireHolds`` already gave its credit back, the debit is taken from the tenant's live balance
+    instead, capped by it (the balance never goes negative): ``Result.micro_credits`` is what was
+    debited, which the request's usage row must then say."""
 
     op_id: str
     hold_id: str
@@ -119,6 +125,7 @@ class Result(NamedTuple):
     expires_at: datetime | None = None  # of the new grant or hold
     hold_ids: tuple[str, ...] = ()  # expire_holds: the holds it ended
     available: int = 0  # INSUFFICIENT_CREDITS: the balance the hold could not fit in
+    late: bool = False  # settle at/after the hold's timeout; micro_credits is what could still be debited
 
     @property
     def ok(self) -> bool:
@@ -233,6 +240,7 @@ class _Grant:
 _OK = Code.OK  # enum attribute lookups cost ~100 ns on 3.11; the hot path pays them per op
 _OPEN, _SETTLED, _RELEASED, _EXPIRED = 0, 1, 2, 3
 _ENDED_CODE = {_SETTLED: Code.HOLD_SETTLED, _RELEASED: Code.HOLD_RELEASED, _EXPIRED: Code.HOLD_EXPIRED}
+_HEAP_SLACK = 1024  # the expiry heap is compacted when ended entries outnumber open ones by this much
 
 
 class _Hold:
@@ -268,8 +276,14 @@ class Ledger:
     """In-memory state machine over ops. Not thread-safe: one caller serialises ``apply``.
 
     Op ids of holds and of the ops that ended them are remembered for ``idempotency_window`` after the
-    hold ended (then ``ExpireHolds`` forgets them, so memory stays bounded); tenant and grant op ids
-    are remembered forever, so a grant can never be applied twice.
+    hold ended; every OK op forgets what fell out of the window by its own instant, so memory stays
+    bounded by the traffic of one window, and replay (the same OK ops at the same instants) forgets
+    exactly the same. Tenant and grant op ids are remembered forever: a grant can never apply twice.
+    Forgetting never charges twice: a Settle or Release of a forgotten hold is HOLD_NOT_FOUND, and a
+    Hold retried after its id was forgotten holds again, which times out back into the balance. What
+    the window bounds is how late a settle may still charge an expired hold (then HOLD_NOT_FOUND, an
+    under-charge) and how long a retry gets EXISTS; the default day covers LedgerClient's 60 s retries
+    and settles retried by a gateway for hours, at about 1 KB per request held for that day.
 
     The process that hosts a busy Ledger should raise the GC's young-generation threshold (e.g.
     ``gc.set_threshold(50_000, 20, 100)``) and ``gc.freeze()`` after replay: with CPython's defaults
@@ -288,6 +302,7 @@ class Ledger:
         self._expiry_heap: list[tuple[datetime, str]] = []  # (expires_at, hold_id), ended ones popped lazily
         self._forgettable: deque[tuple[datetime, str]] = deque()  # (ended_at, op_id) in end order
         self._timeouts: dict[int, timedelta] = {}
+        self._open = 0  # open holds, to size the expiry heap against
         self._debited = 0  # Σ settled debits, all time
         self._forgotten_debits = 0  # Σ debits of settled holds no longer in _holds
         self._handlers: dict[type, Callable[..., Result]] = {
@@ -318,6 +333,9 @@ class Ledger:
         result: Result = handler(op, now)
         if result.code is _OK:
             self._done[op.op_id] = (op, result)
+            forgettable = self._forgettable
+            if forgettable and forgettable[0][0] <= now - self.idempotency_window:
+                self._forget(now)
         return result
 
     def replay(self, records: Iterable[tuple[Op, Result]]) -> int:
@@ -394,7 +412,13 @@ class Ledger:
         expires_at = now + timeout
         hold = _Hold(op.op_id, tenant, amount, now, expires_at, allocation)
         self._holds[op.op_id] = tenant.open_holds[op.op_id] = hold
-        heapq.heappush(self._expiry_heap, (expires_at, op.op_id))
+        self._open += 1
+        heap = self._expiry_heap
+        heapq.heappush(heap, (expires_at, op.op_id))
+        if len(heap) > 2 * self._open + _HEAP_SLACK:  # settled holds' entries: drop them (pop order is by value)
+            holds = self._holds
+            heap[:] = [e for e in heap if (h := holds.get(e[1])) is not None and h.state == _OPEN]
+            heapq.heapify(heap)
         return Result(_OK, op.op_id, now, op.tenant_id, amount, expires_at=expires_at)
 
     def _open_hold(self, op_id: str, hold_id: str, now: datetime) -> _Hold | Result:
@@ -417,6 +441,8 @@ class Ledger:
         assert rest == 0
         hold.state = state
         hold.debited = debit
+        hold.allocation = []  # only an open hold needs it; an ended one is kept for idempotency only
+        self._open -= 1
         tenant = hold.tenant
         del tenant.open_holds[hold.hold_id]
         tenant.spent += debit
@@ -425,20 +451,42 @@ class Ledger:
         return hold.micro_credits - debit
 
     def _settle(self, op: Settle, now: datetime) -> Result:
-        hold = self._open_hold(op.op_id, op.hold_id, now)
-        if isinstance(hold, Result):
-            return hold
+        hold = self._holds.get(op.hold_id)
+        if hold is None:
+            return Result(Code.HOLD_NOT_FOUND, op.op_id, now)
         tenant_id = hold.tenant.tenant_id
-        if now >= hold.expires_at:
-            return Result(Code.HOLD_EXPIRED, op.op_id, now, tenant_id)
+        if hold.state != _OPEN and hold.state != _EXPIRED:
+            return Result(_ENDED_CODE[hold.state], op.op_id, now, tenant_id)
         amount = op.micro_credits
         if type(amount) is not int or amount < 0:
             return Result(Code.INVALID_AMOUNT, op.op_id, now, tenant_id)
         if amount > hold.micro_credits:
             return Result(Code.SETTLE_EXCEEDS_HOLD, op.op_id, now, tenant_id, amount)
-        released = self._end(hold, _SETTLED, amount, now)
         self._forgettable.append((now, op.op_id))
-        return Result(_OK, op.op_id, now, tenant_id, amount, released)
+        if hold.state == _OPEN:
+            released = self._end(hold, _SETTLED, amount, now)
+            return Result(_OK, op.op_id, now, tenant_id, amount, released, late=now >= hold.expires_at)
+        return Result(_OK, op.op_id, now, tenant_id, self._settle_expired(hold, amount, now), late=True)
+
+    def _settle_expired(self, hold: _Hold, amount: int, now: datetime) -> int:
+        """Debits up to ``amount`` from the live balance, burn order, for a hold whose credit went back:
+        the request ran past its hold. Returns the debit (less than ``amount`` when the balance is)."""
+        tenant, rest = hold.tenant, amount
+        for g in tenant.burnable:
+            if rest == 0:
+                break
+            if g.expires_at <= now:
+                continue
+            free = g.micro_credits - g.spent - g.reserved
+            if free > 0:
+                d = free if free < rest else rest
+                g.spent += d
+                rest -= d
+        debit = amount - rest
+        hold.state, hold.debited = _SETTLED, debit  # ends it again: its hold id stays queued from the expiry
+        tenant.spent += debit
+        self._debited += debit
+        return debit
 
     def _release(self, op: Release, now: datetime) -> Result:
         hold = self._open_hold(op.op_id, op.hold_id, now)
@@ -455,18 +503,24 @@ class Ledger:
         while heap and heap[0][0] <= now:
             _, hold_id = heapq.heappop(heap)
             hold = self._holds.get(hold_id)
-            if hold is not None and hold.state == _OPEN:
+            # expires_at: the entry may be a forgotten hold's whose id a newer, later hold reuses
+            if hold is not None and hold.state == _OPEN and hold.expires_at <= now:
                 released += self._end(hold, _EXPIRED, 0, now)
                 ended.append(hold_id)
-        forgettable, horizon = self._forgettable, now - self.idempotency_window
+        self._forget(now)
+        self._forgettable.append((now, op.op_id))
+        return Result(_OK, op.op_id, now, released=released, hold_ids=tuple(ended))
+
+    def _forget(self, now: datetime) -> None:
+        """Forgets the op ids (and ended holds) that ended ``idempotency_window`` or more before ``now``."""
+        forgettable, horizon, holds = self._forgettable, now - self.idempotency_window, self._holds
         while forgettable and forgettable[0][0] <= horizon:
             op_id = forgettable.popleft()[1]
             self._done.pop(op_id, None)
-            forgotten = self._holds.pop(op_id, None)
-            if forgotten is not None:
-                self._forgotten_debits += forgotten.debited
-        forgettable.append((now, op.op_id))
-        return Result(_OK, op.op_id, now, released=released, hold_ids=tuple(ended))
+            hold = holds.get(op_id)
+            if hold is not None and hold.state != _OPEN:
+                del holds[op_id]
+                self._forgotten_debits += hold.debited
 
     # ---- reads ----
 

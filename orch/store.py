@@ -40,7 +40,7 @@ from orch.ledger import (
     Result,
     Settle,
 )
-from orch.store_schema import OPS_ARROW, SCHEMA, SCHEMA_VERSION, USAGE_ARROW
+from orch.store_schema import MIGRATIONS, OPS_ARROW, SCHEMA_VERSION, TABLES, USAGE_ARROW, VIEWS
 
 UsageStatus = Literal["ok", "error", "aborted"]  # finished / engine error / client went away
 
@@ -120,6 +120,8 @@ class Audit(NamedTuple):
 
 
 # (op, result) → ops row without seq; one encoder per op type, the decoder below is its inverse.
+# A settle's micro_credits column is what it debited (views and audit sum it); a late one keeps what it
+# asked in ``asked``.
 def _encode(op: Op, r: Result) -> tuple[Any, ...]:
     if type(op) is Hold:
         return (
@@ -134,22 +136,27 @@ def _encode(op: Op, r: Result) -> tuple[Any, ...]:
             None,
             r.expires_at,
             None,
+            None,
         )
     if type(op) is Settle:
-        return (op.op_id, "settle", r.at, r.tenant_id, op.hold_id, None, op.micro_credits, None, r.released, None, None)
+        asked = op.micro_credits if r.late else None
+        return (op.op_id, "settle", r.at, r.tenant_id, op.hold_id, None, r.micro_credits, None, r.released, None,
+                None, asked)  # fmt: skip
     if type(op) is Release:
-        return (op.op_id, "release", r.at, r.tenant_id, op.hold_id, None, None, None, r.released, None, None)
+        return (op.op_id, "release", r.at, r.tenant_id, op.hold_id, None, None, None, r.released, None, None, None)
     if type(op) is ExpireHolds:
-        return (op.op_id, "expire_holds", r.at, None, None, None, None, None, r.released, None, list(r.hold_ids))
+        return (op.op_id, "expire_holds", r.at, None, None, None, None, None, r.released, None, list(r.hold_ids),
+                None)  # fmt: skip
     if type(op) is GrantCredits:
-        return (op.op_id, "grant", r.at, op.tenant_id, None, None, op.micro_credits, None, None, r.expires_at, None)
+        return (op.op_id, "grant", r.at, op.tenant_id, None, None, op.micro_credits, None, None, r.expires_at, None,
+                None)  # fmt: skip
     if type(op) is CreateTenant:
-        return (op.op_id, "create_tenant", r.at, op.tenant_id, None, op.name, None, None, None, None, None)
+        return (op.op_id, "create_tenant", r.at, op.tenant_id, None, op.name, None, None, None, None, None, None)
     raise TypeError(f"not a ledger op: {op!r}")
 
 
 def _decode(row: tuple[Any, ...]) -> tuple[Op, Result]:
-    op_id, kind, at, tenant_id, hold_id, name, micro, timeout_s, released, expires_at, hold_ids = row
+    op_id, kind, at, tenant_id, hold_id, name, micro, timeout_s, released, expires_at, hold_ids, asked = row
     at = at.replace(tzinfo=UTC)
     if expires_at is not None:
         expires_at = expires_at.replace(tzinfo=UTC)
@@ -158,8 +165,8 @@ def _decode(row: tuple[Any, ...]) -> tuple[Op, Result]:
         op = Hold(op_id, tenant_id, micro, timeout_s)
         return op, Result(Code.OK, op_id, at, tenant_id, micro, expires_at=expires_at)
     if kind == "settle":
-        op = Settle(op_id, hold_id, micro)
-        return op, Result(Code.OK, op_id, at, tenant_id, micro, released)
+        op = Settle(op_id, hold_id, micro if asked is None else asked)
+        return op, Result(Code.OK, op_id, at, tenant_id, micro, released, late=asked is not None)
     if kind == "release":
         return Release(op_id, hold_id), Result(Code.OK, op_id, at, tenant_id, released=released)
     if kind == "expire_holds":
@@ -198,9 +205,12 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._con = duckdb.connect(str(self.path), read_only=read_only, config={"threads": threads})
         if not read_only:
-            self._con.execute(SCHEMA)
+            self._con.execute(TABLES)
             if not self._one("SELECT count(*) FROM schema_version"):
                 self._con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+            while (found := self._one("SELECT max(version) FROM schema_version")) in MIGRATIONS:
+                self._con.execute(f"BEGIN TRANSACTION; {MIGRATIONS[found]} COMMIT;")
+            self._con.execute(VIEWS)
         version = self._one("SELECT max(version) FROM schema_version")
         if version != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}")
@@ -208,6 +218,11 @@ class Store:
 
     def close(self) -> None:
         self._con.close()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own to this file, for reads from another thread (pass it as ``con=``):
+        DuckDB runs it on a snapshot while this Store's connection goes on committing. Close it after."""
+        return self._con.cursor()
 
     def __enter__(self) -> Store:
         return self
@@ -262,7 +277,7 @@ class Store:
         the next call on this Store: it streams from the connection."""
         reader = self._con.sql(
             "SELECT op_id, kind::VARCHAR, applied_at, tenant_id, hold_id, name, micro_credits, timeout_s,"
-            " released, expires_at, hold_ids FROM ops ORDER BY seq"
+            " released, expires_at, hold_ids, asked FROM ops ORDER BY seq"
         ).to_arrow_reader(rows_per_batch)
         for record_batch in reader:  # type: ignore[union-attr]
             for row in zip(*record_batch.to_pydict().values(), strict=True):
@@ -283,6 +298,15 @@ class Store:
             [_naive_utc(at), key_id],
         ).fetchall()
         return bool(found)
+
+    def revoke_tap_keys(self, tap: str, at: datetime) -> int:
+        """Revokes every live key issued for ``tap`` at ``at`` (a deleted tap's name may be reused);
+        returns how many."""
+        found = self._con.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE tap = ? AND revoked_at IS NULL RETURNING key_id",
+            [_naive_utc(at), tap],
+        ).fetchall()
+        return len(found)
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
         rows = self._keys("WHERE key_id = ?", [key_id])
@@ -306,9 +330,12 @@ class Store:
         until: datetime | None = None,
         group_by: Literal["day", "model"] | None = None,
         limit: int = 1000,
+        con: duckdb.DuckDBPyConnection | None = None,
     ) -> UsageReport:
         """Usage in ``[since, until)`` for one tenant (None: all): totals, and rows per day (UTC),
-        per model, or the latest ``limit`` requests (in time order) when ``group_by`` is None."""
+        per model, or the latest ``limit`` requests (in time order) when ``group_by`` is None.
+        ``con``: a :meth:`cursor` to run on, from another thread than the committing one."""
+        con = con or self._con
         where, params = ["TRUE"], []
         for sql, value in (("tenant_id = ?", tenant_id), ("ts >= ?", since), ("ts < ?", until)):
             if value is not None:
@@ -317,17 +344,19 @@ class Store:
         cond = " AND ".join(where)
         sums = "count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)"
         sums += ", coalesce(sum(cost_micro), 0)"
-        totals = UsageTotals(*(int(v) for v in self._one_row(f"SELECT {sums} FROM usage WHERE {cond}", params)))
+        totals = UsageTotals(
+            *(int(v) for v in con.execute(f"SELECT {sums} FROM usage WHERE {cond}", params).fetchall()[0])
+        )
         rows: tuple[UsageGroup, ...] | tuple[UsageRow, ...]
         if group_by is None:
             columns = ", ".join(f"{c}::VARCHAR" if c == "status" else c for c in UsageRow._fields)
-            found = self._con.execute(
+            found = con.execute(
                 f"SELECT {columns} FROM usage WHERE {cond} ORDER BY ts DESC LIMIT ?", [*params, limit]
             ).fetchall()
             rows = tuple(UsageRow(r[0], r[1].replace(tzinfo=UTC), *r[2:]) for r in reversed(found))
         elif group_by in ("day", "model"):
             key = "strftime(ts, '%Y-%m-%d')" if group_by == "day" else "model"
-            found = self._con.execute(
+            found = con.execute(
                 f"SELECT {key} AS k, {sums} FROM usage WHERE {cond} GROUP BY k ORDER BY k", params
             ).fetchall()
             rows = tuple(UsageGroup(str(r[0]), *(int(v) for v in r[1:])) for r in found)

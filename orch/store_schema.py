@@ -6,9 +6,11 @@ Tables: ``ops`` (the ledger's event log), ``api_keys``, ``usage``. Views over ``
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-SCHEMA = """
+# Tables first, then MIGRATIONS (a file of an older version has the tables without the newer columns),
+# then VIEWS, which may read the newer columns.
+TABLES = """
 CREATE TYPE IF NOT EXISTS op_kind AS ENUM ('create_tenant', 'grant', 'hold', 'settle', 'release', 'expire_holds');
 CREATE TYPE IF NOT EXISTS usage_status AS ENUM ('ok', 'error', 'aborted');
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -25,7 +27,8 @@ CREATE TABLE IF NOT EXISTS ops (
     timeout_s     INTEGER,             -- hold
     released      BIGINT,              -- settle, release, expire_holds: micro-credits freed
     expires_at    TIMESTAMP,           -- grant, hold (UTC)
-    hold_ids      VARCHAR[]            -- expire_holds: the holds it ended
+    hold_ids      VARCHAR[],           -- expire_holds: the holds it ended
+    asked         BIGINT               -- settle: NULL unless late; then what it asked (micro_credits: debited)
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id      VARCHAR   PRIMARY KEY,
@@ -50,6 +53,14 @@ CREATE TABLE IF NOT EXISTS usage (
     status            usage_status NOT NULL,
     finish_reason     VARCHAR                 -- stop, length, abort, ... as the engine said
 );
+"""
+
+# version → the statements that bring a file of that version to the next one.
+MIGRATIONS = {
+    1: "ALTER TABLE ops ADD COLUMN asked BIGINT; UPDATE schema_version SET version = 2;",
+}
+
+VIEWS = """
 CREATE OR REPLACE VIEW tenants AS
     SELECT tenant_id, name, applied_at AS created_at FROM ops WHERE kind = 'create_tenant';
 CREATE OR REPLACE VIEW grants AS
@@ -59,14 +70,21 @@ CREATE OR REPLACE VIEW debits AS
     SELECT op_id AS debit_id, hold_id, tenant_id, micro_credits, applied_at AS settled_at
     FROM ops WHERE kind = 'settle';
 CREATE OR REPLACE VIEW hold_ends AS
-    SELECT hold_id, CASE kind WHEN 'settle' THEN 'settled' ELSE 'released' END AS state, applied_at AS ended_at
+    SELECT hold_id,
+           CASE WHEN kind = 'release' THEN 'released' WHEN asked IS NULL THEN 'settled' ELSE 'settled_late' END
+           AS state,
+           applied_at AS ended_at
     FROM ops WHERE kind IN ('settle', 'release')
     UNION ALL
     SELECT unnest(hold_ids), 'expired', applied_at FROM ops WHERE kind = 'expire_holds';
+-- A late settle ends a hold a second time (after its expiry): the last end is its state.
 CREATE OR REPLACE VIEW holds AS
     SELECT h.op_id AS hold_id, h.tenant_id, h.micro_credits, h.applied_at AS created_at, h.expires_at,
            coalesce(e.state, 'open') AS state, e.ended_at
-    FROM ops h LEFT JOIN hold_ends e ON e.hold_id = h.op_id WHERE h.kind = 'hold';
+    FROM ops h
+    LEFT JOIN (SELECT hold_id, arg_max(state, ended_at) AS state, max(ended_at) AS ended_at
+               FROM hold_ends GROUP BY hold_id) e ON e.hold_id = h.op_id
+    WHERE h.kind = 'hold';
 """
 
 # Naive Arrow timestamps: pyarrow converts aware datetimes to UTC for them 9x faster than for tz="UTC",
@@ -86,6 +104,7 @@ OPS_ARROW = pa.schema(
         ("released", pa.int64()),
         ("expires_at", TS),
         ("hold_ids", pa.list_(pa.string())),
+        ("asked", pa.int64()),
     ]
 )
 USAGE_ARROW = pa.schema(

@@ -188,16 +188,54 @@ def test_an_ended_hold_cannot_end_again() -> None:
     assert ledger.account("acme").spent == 5
 
 
-def test_timed_out_hold_cannot_be_settled_and_expire_holds_releases_it() -> None:
+def test_expire_holds_releases_a_timed_out_hold_and_a_release_after_it_is_refused() -> None:
     ledger, clock = new_ledger(1000)
     ledger.apply(Hold("h", "acme", 300, timeout_s=10))
     assert ledger.next_hold_expiry() == clock.now + timedelta(seconds=10)
     clock.advance(seconds=10)
-    assert ledger.apply(Settle("s", "h", 100)).code is Code.HOLD_EXPIRED
     expired = ledger.apply(ExpireHolds("x1"))
     assert (expired.code, expired.hold_ids, expired.released) == (Code.OK, ("h",), 300)
     assert ledger.account("acme").balance == 1000 and ledger.next_hold_expiry() is None
-    assert ledger.apply(Settle("s", "h", 100)).code is Code.HOLD_EXPIRED
+    assert ledger.apply(Release("r", "h")).code is Code.HOLD_EXPIRED
+
+
+def test_a_settle_after_the_hold_expired_charges_what_the_balance_still_has() -> None:
+    ledger, clock = new_ledger(1000)
+    ledger.apply(Hold("h", "acme", 300, timeout_s=10))
+    clock.advance(seconds=10)
+    assert ledger.apply(ExpireHolds("x1")).hold_ids == ("h",)
+    assert ledger.apply(Hold("again", "acme", 900, 60)).code is Code.OK  # the freed credit is held again
+    late = ledger.apply(Settle("s", "h", 250))
+    # Charged anyway, capped by the balance (100 left): never a negative balance, never free tokens.
+    assert (late.code, late.late, late.micro_credits, late.released) == (Code.OK, True, 100, 0)
+    account = ledger.account("acme")
+    assert (account.balance, account.held, account.spent) == (0, 900, 100)
+    ledger.check_invariants()
+    assert ledger.apply(Settle("s", "h", 250)) == late._replace(code=Code.EXISTS)
+    assert ledger.apply(Settle("s2", "h", 1)).code is Code.HOLD_SETTLED
+    assert ledger.apply(Settle("s3", "again", 901)).code is Code.SETTLE_EXCEEDS_HOLD
+
+
+def test_a_settle_of_an_overdue_hold_not_yet_expired_debits_its_reservation_in_full() -> None:
+    ledger, clock = new_ledger(1000)
+    ledger.apply(Hold("h", "acme", 300, timeout_s=10))
+    clock.advance(seconds=10)
+    late = ledger.apply(Settle("s", "h", 250))
+    assert (late.code, late.late, late.micro_credits, late.released) == (Code.OK, True, 250, 50)
+    assert ledger.apply(ExpireHolds("x1")).hold_ids == ()
+    assert ledger.account("acme").balance == 750
+    ledger.check_invariants()
+
+
+def test_a_late_settle_at_zero_balance_charges_zero_and_is_still_recorded() -> None:
+    ledger, clock = new_ledger(300)
+    ledger.apply(Hold("h", "acme", 300, timeout_s=10))
+    clock.advance(seconds=10)
+    ledger.apply(ExpireHolds("x1"))
+    ledger.apply(Hold("h2", "acme", 300, 60))
+    late = ledger.apply(Settle("s", "h", 300))
+    assert (late.code, late.late, late.micro_credits) == (Code.OK, True, 0)
+    ledger.check_invariants()
 
 
 def test_expire_holds_leaves_live_and_ended_holds_alone() -> None:
@@ -304,6 +342,72 @@ def test_idempotency_window_forgets_ended_holds_but_never_grants() -> None:
     assert ledger.apply(GrantCredits("pay-1", "acme", 100)).code is Code.EXISTS
     assert ledger.account("acme").balance == 90
     ledger.check_invariants()
+
+
+def internal_sizes(ledger: Ledger) -> dict[str, int]:
+    """The ledger's per-op memory: what must stay bounded under steady traffic."""
+    return {
+        "done": len(ledger._done),
+        "holds": len(ledger._holds),
+        "forgettable": len(ledger._forgettable),
+        "expiry_heap": len(ledger._expiry_heap),
+    }
+
+
+def test_memory_stays_flat_under_steady_traffic_with_no_hold_ever_expiring() -> None:
+    clock = FakeClock()
+    ledger = Ledger(clock=clock, idempotency_window=timedelta(minutes=10))
+    ledger.apply(CreateTenant("t", "acme", "Acme"))
+    ledger.apply(GrantCredits("g", "acme", 10**15))
+    per_window = 10 * 60 * 10  # 10 requests a second, 10 minutes retained
+    sizes = []
+    for i in range(100_000):
+        clock.advance(milliseconds=100)
+        assert ledger.apply(Hold(f"h{i}", "acme", 1000, 3600)).code is Code.OK
+        assert ledger.apply(Settle(f"s{i}", f"h{i}", 500)).code is Code.OK
+        if i % 10_000 == 9_999:
+            sizes.append(internal_sizes(ledger))
+    for size in sizes[1:]:  # after warm-up every map holds about one window of requests, never more
+        assert size["done"] <= 2 * per_window + 2, sizes
+        assert size["holds"] <= per_window + 1, sizes
+        assert size["forgettable"] <= 2 * per_window + 2, sizes
+        assert size["expiry_heap"] <= 1024 + 2, sizes  # compacted: only open holds must stay in it
+    flat = [{k: v for k, v in size.items() if k != "expiry_heap"} for size in sizes]
+    assert flat[-1] == flat[3], sizes  # flat: the same at 40k and at 100k requests
+    assert ledger.account("acme").spent == 100_000 * 500
+    ledger.check_invariants()
+
+
+def test_forgetting_replays_to_the_same_state_and_retries_inside_the_window_are_idempotent() -> None:
+    clock = FakeClock()
+    window = timedelta(minutes=10)
+    ledger = Ledger(clock=clock, idempotency_window=window)
+    log: list[tuple[Op, Result]] = []
+
+    def apply(op: Op) -> Result:
+        result = ledger.apply(op)
+        if result.code is Code.OK:
+            log.append((op, result))
+        return result
+
+    apply(CreateTenant("t", "acme", "Acme"))
+    apply(GrantCredits("g", "acme", 10**9))
+    for i in range(3000):
+        clock.advance(seconds=1)
+        apply(Hold(f"h{i}", "acme", 1000, 60))
+        apply(Settle(f"s{i}", f"h{i}", 300) if i % 3 else Release(f"r{i}", f"h{i}"))
+        if i % 500 == 0:  # a refusal now and then: it changes nothing, forgetting included
+            assert apply(Hold(f"big{i}", "acme", 10**10, 60)).code is Code.INSUFFICIENT_CREDITS
+    rebuilt = Ledger(clock=clock, idempotency_window=window)
+    assert rebuilt.replay(log) == len(log)
+    assert internal_sizes(rebuilt) == internal_sizes(ledger)
+    assert rebuilt.account("acme") == ledger.account("acme")
+    rebuilt.check_invariants()
+    # A retry inside the window returns the first result; past it the hold is gone, never charged twice.
+    assert ledger.apply(Settle("s2998", "h2998", 300)).code is Code.EXISTS
+    assert ledger.apply(Hold("h2998", "acme", 1000, 60)).code is Code.EXISTS
+    assert ledger.apply(Settle("s1", "h1", 300)).code is Code.HOLD_NOT_FOUND
+    assert ledger.account("acme").spent == rebuilt.account("acme").spent
 
 
 # ---- pricing ----

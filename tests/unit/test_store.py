@@ -290,3 +290,84 @@ def test_sequence_numbers_continue_after_reopen(tmp_path: Path) -> None:
         assert store._con.execute("SELECT op_id, seq FROM ops ORDER BY seq").fetchall() == [
             ("c-acme", 0), ("g-acme", 1), ("h", 2)
         ]  # fmt: skip
+
+
+def test_late_settles_replay_from_the_file_with_what_they_debited(tmp_path: Path) -> None:
+    clock, path = FakeClock(), tmp_path / "ledger.duckdb"
+    with Store(path) as store:
+        ledger, batch = seeded_ledger(store, clock), Batch()  # 10_000 granted
+        apply_into(ledger, batch, Hold("h-expired", "acme", 3_000, 10))
+        apply_into(ledger, batch, Hold("h-overdue", "acme", 2_000, 10))
+        apply_into(ledger, batch, ExpireHolds("x"), T0 + timedelta(seconds=5))  # ends nothing yet
+        later = T0 + timedelta(seconds=20)
+        late = apply_into(ledger, batch, Settle("s-overdue", "h-overdue", 1_500), later)  # still reserved
+        assert (late.late, late.micro_credits, late.released) == (True, 1_500, 500)
+        assert apply_into(ledger, batch, ExpireHolds("x2"), later).hold_ids == ("h-expired",)
+        apply_into(ledger, batch, Hold("h-new", "acme", 8_000, 60), later)  # 500 left free
+        capped = apply_into(ledger, batch, Settle("s-expired", "h-expired", 2_500), later)
+        assert (capped.code, capped.late, capped.micro_credits) == (Code.OK, True, 500)
+        store.commit(batch)
+        sql = store._con.execute
+        assert sql("SELECT hold_id, micro_credits FROM debits ORDER BY hold_id").fetchall() == [
+            ("h-expired", 500), ("h-overdue", 1_500)
+        ]  # fmt: skip
+        assert sql("SELECT hold_id, state FROM holds ORDER BY hold_id").fetchall() == [
+            ("h-expired", "settled_late"), ("h-new", "open"), ("h-overdue", "settled_late")
+        ]  # fmt: skip
+        assert store.audit().debited == 2_000
+    with Store(path) as store:
+        rebuilt = Ledger(clock=clock)
+        assert rebuilt.replay(store.load_ops()) == len(batch.ops) + 2
+    assert rebuilt.account("acme", later) == ledger.account("acme", later)
+    assert rebuilt.apply(Settle("s-expired", "h-expired", 2_500), later) == capped._replace(code=Code.EXISTS)
+
+
+def test_a_version_1_file_is_migrated_when_the_writer_opens_it(tmp_path: Path) -> None:
+    path, clock = tmp_path / "ledger.duckdb", FakeClock()
+    with Store(path) as store:
+        seeded_ledger(store, clock)
+    con = duckdb.connect(str(path))  # what a version-1 file looks like: no `asked` column
+    con.execute("ALTER TABLE ops DROP COLUMN asked")
+    con.execute("UPDATE schema_version SET version = 1")
+    con.close()
+    with pytest.raises(RuntimeError, match="schema version 1"):
+        Store(path, read_only=True)  # a reader never writes: the writer migrates
+    with Store(path) as store:
+        assert [op.op_id for op, _ in store.load_ops()] == ["c-acme", "g-acme"]
+    with Store(path, read_only=True) as reader:
+        assert reader._one("SELECT max(version) FROM schema_version") == 2
+
+
+def test_revoke_tap_keys_revokes_every_live_key_of_that_tap_only(tmp_path: Path) -> None:
+    with Store(tmp_path / "ledger.duckdb") as store:
+        store.add_key(ApiKeyRecord("k1", "acme", "private-acme", "h1", T0))
+        store.add_key(ApiKeyRecord("k2", "globex", "private-acme", "h2", T0))
+        store.add_key(ApiKeyRecord("k3", "acme", "public", "h3", T0))
+        store.add_key(ApiKeyRecord("k4", "acme", "private-acme", "h4", T0, T0))  # revoked already
+        assert store.revoke_tap_keys("private-acme", T0 + timedelta(hours=1)) == 2
+        assert store.revoke_tap_keys("private-acme", T0 + timedelta(hours=2)) == 0
+        revoked = {k.key_id: k.revoked_at for t in ("acme", "globex") for k in store.list_keys(t)}
+        assert revoked == {"k1": T0 + timedelta(hours=1), "k2": T0 + timedelta(hours=1), "k3": None, "k4": T0}
+
+
+def test_usage_runs_on_its_own_cursor_in_another_thread_while_commits_go_on(tmp_path: Path) -> None:
+    import threading
+
+    with Store(tmp_path / "ledger.duckdb") as store:
+        store.commit(Batch(usage=[usage_row(f"r{i}", 1, ts=T0 + timedelta(seconds=i)) for i in range(20_000)]))
+        reports: list[int] = []
+        cursor = store.cursor()
+
+        def report() -> None:
+            for _ in range(20):
+                reports.append(store.usage("acme", group_by="day", con=cursor).totals.requests)
+
+        reader = threading.Thread(target=report)
+        reader.start()
+        for i in range(50):  # commits on the store's own connection meanwhile
+            store.commit(Batch(usage=[usage_row(f"w{i}", 1)]))
+        reader.join()
+        cursor.close()
+        assert len(reports) == 20 and all(20_000 <= n <= 20_050 for n in reports)
+        assert reports == sorted(reports)  # each report sees a committed snapshot, never a torn batch
+        assert store.usage("acme").totals.requests == 20_050
