@@ -39,7 +39,13 @@ def tap_config(spec: TapSpec) -> TapConfig:
             look_back_period_s=spec.look_back_period_s,
         ),
     )
-    return TapConfig(tap=spec.app_name(), models=[model], billing=spec.billing, data_dir=spec.data_dir)
+    return TapConfig(
+        tap=spec.app_name(),
+        models=[model],
+        billing=spec.billing,
+        ledger_shards=spec.ledger_shards or 1,
+        data_dir=spec.data_dir,
+    )
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from orch.capacity import Capacity, InsufficientGPUs, snapshot
+from orch.files import locked, write_json_atomic
 from orch.tapspec import TapSpec
 
 TAPS_FILE = "taps.json"
@@ -37,10 +39,18 @@ def load_taps(root: Path) -> dict[str, dict[str, Any]]:
     return taps
 
 
+def taps_lock(root: Path) -> AbstractContextManager[None]:
+    """Hold it from :func:`load_taps` to :func:`save_taps`: two CLI runs at once then never drop a tap.
+
+    >>> with taps_lock(root):  # doctest: +SKIP
+    ...     taps = load_taps(root); taps["acme"] = entry; save_taps(root, taps)
+    """
+    return locked(root / TAPS_FILE)
+
+
 def save_taps(root: Path, taps: dict[str, dict[str, Any]]) -> None:
-    tmp = root / (TAPS_FILE + ".tmp")
-    tmp.write_text(json.dumps(taps, indent=2, sort_keys=True))
-    tmp.replace(root / TAPS_FILE)
+    """Writes the registered taps whole (atomic and fsync'd); under :func:`taps_lock` with the load."""
+    write_json_atomic(root / TAPS_FILE, taps)
 
 
 def tap_application(spec: TapSpec) -> dict[str, Any]:
@@ -53,10 +63,29 @@ def tap_application(spec: TapSpec) -> dict[str, Any]:
     }
 
 
+def stack_ledger_shards(base: dict[str, Any]) -> int:
+    """The ledger shard count of the stack's other apps (one per stack: a tenant's shard is its id's
+    hash modulo the count, so every gateway must use the same count)."""
+    counts = {
+        int(a.get("args", {}).get("ledger_shards", 1))
+        for a in base["applications"]
+        if a.get("import_path") != PRIVATE_IMPORT_PATH
+    }
+    if len(counts) > 1:
+        raise ValueError(f"the stack's apps disagree on ledger_shards: {sorted(counts)}")
+    return counts.pop() if counts else 1
+
+
 def desired_config(base: dict[str, Any], taps: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``up``'s config with its private apps replaced by the registered taps (``{client: {"spec": ...}}``)."""
+    """``up``'s config with its private apps replaced by the registered taps (``{client: {"spec": ...}}``);
+    each tap routes tenants to the stack's ledger shards."""
+    shards = stack_ledger_shards(base)
     apps = [a for a in base["applications"] if a.get("import_path") != PRIVATE_IMPORT_PATH]
-    apps += [tap_application(TapSpec.model_validate(entry["spec"])) for _, entry in sorted(taps.items())]
+    for _, entry in sorted(taps.items()):
+        spec = TapSpec.model_validate(entry["spec"])
+        if spec.ledger_shards not in (None, shards):
+            raise ValueError(f"tap '{spec.client}' has ledger_shards {spec.ledger_shards}; the stack runs {shards}")
+        apps.append(tap_application(spec.model_copy(update={"ledger_shards": shards})))
     return {**base, "applications": apps}
 
 

@@ -48,6 +48,13 @@ class TapSpec(StrictModel):
         description="Name clients put in `model`; default: the HF id, the default model's name, or the folder name.",
     )
     data_dir: str | None = Field(None, description="Where weights and the ledger live; `tap create` pins it.")
+    ledger_shards: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="The stack's tenant ledger shards (every gateway must use the same count); `tap create` "
+        "fills it from the stack's config; unset means 1.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> TapSpec:

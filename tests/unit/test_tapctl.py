@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 from apps.private_tap import build, tap_config
 from orch.capacity import Capacity, InsufficientGPUs, NodeGPUs
 from orch.config import ConfigError, load_serve_config
-from orch.tapctl import check_capacity, desired_config, tap_application
+from orch.tapctl import check_capacity, desired_config, load_taps, tap_application
 from orch.tapspec import TapSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,3 +65,37 @@ def test_example_config_validates_and_typos_fail_in_one_line(tmp_path: Path) -> 
     (tmp_path / "bad.yaml").write_text(bad)
     with pytest.raises(ConfigError, match=r"applications\[1\]\.args\.gpus"):
         load_serve_config(tmp_path / "bad.yaml")
+
+
+def test_a_private_tap_routes_tenants_to_the_stacks_ledger_shards() -> None:
+    base = load_serve_config(REPO / "configs" / "local.yaml")
+    base["applications"][0]["args"]["ledger_shards"] = 4
+    spec = TapSpec(client="acme", model="org/model", gpus=1, billing="credits")
+    private = desired_config(base, {"acme": {"spec": spec.model_dump(mode="json")}})["applications"][1]
+    assert private["args"]["ledger_shards"] == 4
+    assert tap_config(TapSpec.model_validate(private["args"])).ledger_shards == 4  # what its gateway uses
+    other = spec.model_copy(update={"ledger_shards": 2})
+    with pytest.raises(ValueError, match="ledger_shards 2; the stack runs 4"):
+        desired_config(base, {"acme": {"spec": other.model_dump(mode="json")}})
+
+
+_ADD_TAPS = """
+import sys
+from pathlib import Path
+from orch.tapctl import load_taps, save_taps, taps_lock
+root, who = Path(sys.argv[1]), sys.argv[2]
+for i in range(40):
+    with taps_lock(root):  # what `tap create` holds from load to save
+        taps = load_taps(root)
+        taps[f"{who}-{i}"] = {"spec": {"client": f"{who}-{i}"}}
+        save_taps(root, taps)
+"""
+
+
+def test_two_cli_runs_adding_taps_at_once_lose_none(tmp_path: Path) -> None:
+    runs = [
+        subprocess.Popen([sys.executable, "-c", _ADD_TAPS, str(tmp_path), who], cwd=REPO) for who in ("a", "b", "c")
+    ]
+    assert [run.wait(timeout=120) for run in runs] == [0, 0, 0]
+    assert sorted(load_taps(tmp_path)) == sorted(f"{who}-{i}" for who in "abc" for i in range(40))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taps.json", "taps.json.lock"]  # no temp file left

@@ -97,3 +97,10 @@ def test_without_cuda_the_engine_runs_on_one_cpu_engine_and_says_so() -> None:
 def test_cuda_available_is_false_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     assert cuda_available() is False
+
+
+def test_ledger_shards_is_optional_and_bounded() -> None:
+    assert spec().ledger_shards is None
+    assert spec(ledger_shards=4).ledger_shards == 4
+    with pytest.raises(ValidationError):
+        spec(ledger_shards=0)
