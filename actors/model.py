@@ -17,6 +17,7 @@ from orch.billing import PromptLimits
 from orch.config import ModelConfig
 from orch.engine import Delta, Engine, EngineStats, GenerationRequest, VLLMEngine
 from orch.models import resolve_model_source
+from orch.startup import EngineStartError, describe, own_log_tail
 from orch.tapspec import cuda_available, effective_tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,10 @@ class ModelActor:
         )
 
     async def start(self) -> None:
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except Exception as exc:  # one line with the root cause, for `up` and `tap` to print
+            raise EngineStartError(self.config.name, describe(exc, own_log_tail())) from exc
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         return self.engine.generate(request)

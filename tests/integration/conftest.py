@@ -34,12 +34,19 @@ def free_port() -> int:
 
 
 def local_config(port: int, model_dir: Path) -> dict[str, Any]:
-    """configs/local.yaml as shipped, on another port, with the already materialised model folder."""
+    """configs/local.yaml as shipped, on another port, with the already materialised model folder.
+
+    ``LLAMA_ORCH_TEST_ENGINE=<dtype>:<compiled|eager>`` runs the session's engine with another setting
+    (e.g. to show the golden-answer test failing on ``bfloat16:compiled``)."""
     config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     config["http_options"]["port"] = port
+    override = os.environ.get("LLAMA_ORCH_TEST_ENGINE")
     for app in config["applications"]:
         for model in app["args"]["models"]:
             model["source"] = str(model_dir)
+            if override:
+                dtype, _, mode = override.partition(":")
+                model["engine"] |= {"dtype": dtype, "enforce_eager": mode == "eager"}
     return config
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orch.config import ConfigError, EngineConfig, TapConfig, load_args, load_serve_config
+from orch.config import CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, TapConfig, load_args, load_serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,19 @@ def test_duplicate_model_names_are_refused() -> None:
 def test_engine_kwargs_pass_extra_args_through() -> None:
     kwargs = EngineConfig(max_model_len=512, extra_args={"block_size": 32}).engine_kwargs()
     assert kwargs["max_model_len"] == 512 and kwargs["block_size"] == 32
-    assert "kv_cache_memory_bytes" not in kwargs
+
+
+def test_cpu_engine_without_a_kv_size_gets_a_bounded_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("orch.config._cuda_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert EngineConfig().engine_kwargs()["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
+    assert EngineConfig(kv_cache_memory_bytes=1 << 26).engine_kwargs()["kv_cache_memory_bytes"] == 1 << 26
+    assert "kv_cache_memory_bytes" not in EngineConfig(env={"VLLM_CPU_KVCACHE_SPACE": "2"}).engine_kwargs()
+
+
+def test_gpu_engine_keeps_vllms_own_kv_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("orch.config._cuda_available", lambda: True)
+    assert "kv_cache_memory_bytes" not in EngineConfig().engine_kwargs()
 
 
 def test_autoscaling_maps_to_serve() -> None:
