@@ -31,11 +31,18 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import NamedTuple
 
+from orch.pricing import TOKENS_PER_PRICE_UNIT, Price, cost, max_cost
+
 MICRO = 1_000_000  # micro-credits per credit
-TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
 GRANT_MONTHS = 12
 MAX_MICRO_CREDITS = 10**18  # per op; keeps every amount and sum inside the store's BIGINT
 MAX_HOLD_TIMEOUT_S = 7 * 86_400
+
+__all__ = [  # the pricing names are re-exported: callers import them from here
+    "MAX_HOLD_TIMEOUT_S", "MAX_MICRO_CREDITS", "MICRO", "TOKENS_PER_PRICE_UNIT", "Account", "Code", "CreateTenant",
+    "ExpireHolds", "GrantBalance", "GrantCredits", "Hold", "Ledger", "Op", "OpenHold", "Price", "Release", "Result",
+    "Settle", "add_months", "cost", "grant_expiry", "max_cost", "utc_now",
+]  # fmt: skip
 
 
 def utc_now() -> datetime:
@@ -132,44 +139,7 @@ class Result(NamedTuple):
         return self.code is Code.OK or self.code is Code.EXISTS
 
 
-# ---- pure money functions ----
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """Micro-credits per 1M input (prompt) tokens and per 1M output (completion) tokens."""
-
-    input_per_m: int
-    output_per_m: int
-
-    def __post_init__(self) -> None:
-        for v in (self.input_per_m, self.output_per_m):
-            if type(v) is not int or v < 0:
-                raise ValueError(f"price must be a non-negative int of micro-credits per 1M tokens: {v!r}")
-
-
-def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
-    """Cost in micro-credits, rounded UP once on the total (never under-charges, over-charges < 1 µc).
-
-    >>> cost(Price(input_per_m=150_000, output_per_m=600_000), 1, 1)  # 0.75 µc exact
-    1
-    >>> cost(Price(150_000, 600_000), 1_000_000, 0)
-    150000
-    """
-    if (
-        type(prompt_tokens) is not int
-        or type(completion_tokens) is not int
-        or min(prompt_tokens, completion_tokens) < 0
-    ):
-        raise ValueError(f"token counts are non-negative ints: {prompt_tokens!r}, {completion_tokens!r}")
-    exact_times_m = price.input_per_m * prompt_tokens + price.output_per_m * completion_tokens
-    return -(-exact_times_m // TOKENS_PER_PRICE_UNIT)
-
-
-def max_cost(price: Price, prompt_tokens: int, max_tokens: int) -> int:
-    """The hold for a request: its cost if it generates all ``max_tokens`` (ceil is monotonic, so
-    ``cost(price, p, c) <= max_cost(price, p, m)`` for every ``c <= m``)."""
-    return cost(price, prompt_tokens, max_tokens)
+# ---- dates ----
 
 
 def add_months(at: datetime, months: int) -> datetime:
