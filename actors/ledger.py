@@ -301,6 +301,13 @@ class TenantLedgerActor:
     def ready(self) -> bool:
         return True
 
+    def placement(self) -> dict[str, Any]:
+        """Where Ray runs this actor: its node id and the resources it was given (for ``status`` and tests)."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "resources": context.get_assigned_resources()}
+
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has it; the data dir is the head's
 

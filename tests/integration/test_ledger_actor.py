@@ -1,9 +1,12 @@
-"""TenantLedger on real Ray and real DuckDB: group commit under concurrency, kill and restart, replay."""
+"""TenantLedger on real Ray and real DuckDB: group commit under concurrency, kill and restart, replay,
+placement on the head node, late settles, the admin key and a tap's keys."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import ray
 
 from actors.ledger import ledger_actor
 from orch.ledger import Code, GrantCredits, Hold, Settle
+from orch.store import UsageRow
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +74,39 @@ def test_raw_keys_never_reach_the_file(ledger) -> None:  # type: ignore[no-untyp
     blob = b"".join(p.read_bytes() for p in data.glob(f"ledger-{shard}.duckdb*"))
     assert secret.encode() not in blob and raw.encode() not in blob
     assert key_id.encode() in blob
+
+
+def test_the_ledger_actor_is_pinned_to_the_head_node(ledger) -> None:  # type: ignore[no-untyped-def]
+    actor, data, shard = ledger
+    placement = ray.get(actor.placement.remote(), timeout=60)
+    assert placement["resources"].get("node:__internal_head__", 0) > 0  # asked for, not just landed there
+    heads = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]]
+    assert heads == [placement["node_id"]]
+
+
+def test_a_settle_after_its_hold_expired_is_charged_and_recorded(ledger) -> None:  # type: ignore[no-untyped-def]
+    actor, data, shard = ledger
+    tenant = _call(actor, "create_tenant", "acme").tenant_id
+    assert _call(actor, "apply", GrantCredits("g1", tenant, 1_000)).code is Code.OK
+    assert _call(actor, "apply", Hold("h1", tenant, 600, 1)).code is Code.OK
+    while _call(actor, "account", tenant)["open_holds"]:  # the actor's tick expires it
+        time.sleep(0.2)
+    assert _call(actor, "apply", Hold("h2", tenant, 700, 60)).code is Code.OK  # its credit, held again
+    row = UsageRow("r1", datetime.now(UTC), tenant, None, "public", "m", 10, 5, 500, 40, 2_000, "ok", "stop")
+    late = _call(actor, "apply", Settle("s1", "h1", 500), row)
+    assert (late.ok, late.late, late.micro_credits) == (True, True, 300)
+    report = _call(actor, "usage", tenant, None, None, None)
+    assert [r.cost_micro for r in report.rows] == [300]
+    audit = _call(actor, "audit")
+    assert audit["debited"] == audit["usage_cost"] == 300 and audit["balance"] == 0
+
+
+def test_the_admin_key_and_a_taps_keys_come_from_the_ledger(ledger) -> None:  # type: ignore[no-untyped-def]
+    actor, data, shard = ledger
+    admin_key = _call(actor, "admin_key")
+    if (data / "admin_key").exists():  # else the cluster's environment sets it
+        assert (data / "admin_key").read_text().strip() == admin_key
+    tenant = _call(actor, "create_tenant", "acme").tenant_id
+    key_id, _ = _call(actor, "create_key", tenant, "private-acme")
+    assert _call(actor, "revoke_tap_keys", "private-acme") == 1
+    assert _call(actor, "get_key", key_id).revoked_at is not None
