@@ -1,9 +1,9 @@
 """The OpenAI-compatible ingress of a tap: routes map HTTP to calls, results and errors back to HTTP.
 
 OpenAI routes (Bearer key of this tap): ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /v1/chat/completions``, ``POST /v1/completions``; the tenant's own ``GET /v1/account`` and
-``GET /v1/usage``. Admin routes (Bearer admin key): ``/admin/tenants``, keys, grants, accounts, usage.
-``GET /health`` is open.
+``POST /v1/chat/completions``, ``POST /v1/completions``; the account and admin routes are in
+``apps/admin_api.py``. ``GET /health`` is open. Bodies over :data:`MAX_BODY_BYTES` are refused (413)
+before they are read whole.
 
 A completion is admitted by a hold of its worst-case cost, committed in the tenant's ledger before
 the request reaches an engine (402 when the balance can't cover it); it streams from the model
@@ -16,13 +16,11 @@ gets its own status instead of a broken 200 stream.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,41 +31,38 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from actors.ledger import LedgerClient, LedgerUnavailable
+from apps.admin_api import AccountAPI
 from orch.billing import KeyCache, Principal, PromptLimits, bearer_token, hold_amount, prompt_token_bound
 from orch.config import TapConfig, data_dir
 from orch.engine import Delta, GenerationRequest
 from orch.errors import (
     APIError,
-    Conflict,
     EngineUnavailable,
     Forbidden,
     InsufficientCredits,
     InternalError,
-    InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
 )
-from orch.keys import load_or_create_admin_key
-from orch.ledger import Code, GrantCredits, Hold, Price, Release, Result, Settle, cost
+from orch.ledger import Code, Hold, Price, Result
+from orch.metering import Meter, Settler
 from orch.protocol import (
     ChatCompletionRequest,
     ChunkWriter,
     CompletionRequest,
-    CreateKeyBody,
-    CreateTenantBody,
-    GrantBody,
     chat_completion,
     new_id,
-    parse_body,
     parse_request,
-    parse_usage_query,
     text_completion,
 )
-from orch.store import UsageReport, UsageRow
 
 log = logging.getLogger("ray.serve")
 
 Handler = Callable[..., Awaitable[Response]]
+
+MAX_BODY_BYTES = 4 << 20  # 4 MiB: far past any prompt a model here can take (see prompt_token_bound)
+SHUTDOWN_DRAIN_S = 20.0  # pending settles get this long to commit when a replica stops
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -95,26 +90,6 @@ class Route:
     auth: str  # "open" | "tenant" | "admin"
 
 
-@dataclass
-class Meter:
-    """One admitted request: its hold, timings and the last counts the engine reported."""
-
-    principal: Principal
-    model: str
-    price: Price
-    request_id: str
-    hold_id: str | None  # None: contract billing, nothing held
-    held: int = 0  # micro-credits the hold reserved
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    t0: float = field(default_factory=time.monotonic)
-    ttft_ms: int | None = None
-    last: Delta | None = None
-    settled: asyncio.Task[None] | None = None
-
-    def first_token(self) -> None:
-        self.ttft_ms = round((time.monotonic() - self.t0) * 1000)
-
-
 class SettlingStream(StreamingResponse):
     """An SSE response that settles its request however the response ends: Starlette never closes a
     body generator it did not start (a client gone before the first byte), so this does."""
@@ -134,7 +109,28 @@ class SettlingStream(StreamingResponse):
                 self._settle_fn(self._meter, "aborted")
 
 
-@serve.deployment(logging_config={"enable_access_log": False})
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused (413) as soon as it is known to be over ``limit``: by its
+    Content-Length before reading, else while reading the stream."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="request_too_large")
+
+
+@serve.deployment(
+    logging_config={"enable_access_log": False}, graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S + 10
+)  # fmt: skip
 class Gateway:
     async def __init__(self, models: dict[str, DeploymentHandle], config: dict[str, Any]) -> None:
         tap = TapConfig.model_validate(config)
@@ -147,27 +143,31 @@ class Gateway:
         self._limits: dict[str, PromptLimits] = {}
         self._created = int(time.time())
         self._ledger = LedgerClient(Path(root), shards=tap.ledger_shards)
-        self._keys = KeyCache(self._ledger.get_key, load_or_create_admin_key(root))
-        self._background: set[asyncio.Task[None]] = set()
-        # The ledger replays its file before the first request, not during it.
-        await asyncio.gather(*(self._ledger.call(s, "has_tenant", "") for s in range(tap.ledger_shards)))
-        tenant, admin, tid, kid = "tenant", "admin", r"(t-[0-9a-f]{12})", r"([a-z2-7]{16})"
+        # The ledger replays its file before the first request, not during it; the admin secret comes
+        # from the ledger's node (one per cluster: a replica on another node must not make its own).
+        *_, admin_key = await asyncio.gather(
+            *(self._ledger.call(s, "has_tenant", "") for s in range(tap.ledger_shards)),
+            self._ledger.call(0, "admin_key"),
+        )
+        self._keys = KeyCache(self._ledger.get_key, admin_key)
+        self._settler = Settler(self._ledger, self._tap)
+        self._settle = self._settler.settle
+        tenant = "tenant"
         self._routes = [
             Route("POST", re.compile(r"/v1/chat/completions"), self._chat, tenant),
             Route("POST", re.compile(r"/v1/completions"), self._completions, tenant),
             Route("GET", re.compile(r"/v1/models"), self._list_models, tenant),
             Route("GET", re.compile(r"/v1/models/(.+)"), self._get_model, tenant),
-            Route("GET", re.compile(r"/v1/account"), self._account, tenant),
-            Route("GET", re.compile(r"/v1/usage"), self._usage, tenant),
             Route("GET", re.compile(r"/health"), self._health, "open"),
-            Route("POST", re.compile(r"/admin/tenants"), self._create_tenant, admin),
-            Route("GET", re.compile(r"/admin/tenants"), self._list_tenants, admin),
-            Route("POST", re.compile(rf"/admin/tenants/{tid}/keys"), self._create_key, admin),
-            Route("DELETE", re.compile(rf"/admin/keys/{kid}"), self._revoke_key, admin),
-            Route("POST", re.compile(rf"/admin/tenants/{tid}/grants"), self._grant, admin),
-            Route("GET", re.compile(rf"/admin/tenants/{tid}/account"), self._admin_account, admin),
-            Route("GET", re.compile(rf"/admin/tenants/{tid}/usage"), self._admin_usage, admin),
+            *(Route(*route) for route in AccountAPI(self._ledger, self._keys, self._tap, read_body).routes()),
         ]
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops, after in-flight requests finished: settles still
+        pending (a slow or restarting ledger) get :data:`SHUTDOWN_DRAIN_S` to commit."""
+        settler = getattr(self, "_settler", None)  # None: __init__ never finished
+        if settler is not None:
+            await settler.drain(SHUTDOWN_DRAIN_S)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.removeprefix(request.scope.get("root_path", "")).rstrip("/") or "/"
@@ -175,7 +175,9 @@ class Gateway:
             route, args = self._route(request.method, path)
             if route.auth == "open":
                 return await route.handler(request, *args)
-            principal = await self._keys.authenticate(bearer_token(request.headers.get("authorization")), self._tap)
+            token = bearer_token(request.headers.get("authorization"))
+            client = request.client.host if request.client else None
+            principal = await self._keys.authenticate(token, self._tap, client)
             if (route.auth == "admin") != principal.is_admin:
                 raise Forbidden(
                     "This route needs the admin key." if route.auth == "admin" else "Use a tenant key for this route.",
@@ -219,7 +221,8 @@ class Gateway:
             await asyncio.wait_for(asyncio.gather(*checks), timeout=10)
         except Exception as exc:
             raise EngineUnavailable(f"unhealthy: {type(exc).__name__}", code="unhealthy") from None
-        return JSONResponse({"status": "ok", "models": list(self._models)})
+        keys = {"lookups": self._keys.lookups, "refused": self._keys.refused}
+        return JSONResponse({"status": "ok", "models": list(self._models), "key_cache": keys})
 
     def _handle(self, model: str) -> DeploymentHandle:
         handle = self._models.get(model)
@@ -230,12 +233,12 @@ class Gateway:
     # ---- completions ------------------------------------------------------------------------------
 
     async def _chat(self, request: Request, principal: Principal) -> Response:
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await request.body())
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await read_body(request))
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         return await self._complete(req, principal, new_id("chatcmpl"), chat=True, messages=messages)
 
     async def _completions(self, request: Request, principal: Principal) -> Response:
-        req: CompletionRequest = parse_request(CompletionRequest, await request.body())
+        req: CompletionRequest = parse_request(CompletionRequest, await read_body(request))
         return await self._complete(req, principal, new_id("cmpl"), chat=False, prompt=req.prompt)
 
     async def _complete(
@@ -293,10 +296,9 @@ class Gateway:
         handle: DeploymentHandle,
         prompt: dict[str, Any],
     ) -> Meter:
-        """Holds the request's worst-case cost (credits billing); 402 when the balance can't cover it."""
+        """Holds the request's worst-case cost (credits billing); 402 when the balance can't cover it.
+        Any billing: a prompt that is not Unicode or cannot fit the model is refused before tokenising."""
         price = self._prices[req.model]
-        if self._billing != "credits":
-            return Meter(principal, req.model, price, request_id, None)
         limits = await self._prompt_limits(req.model, handle)
         messages = prompt.get("messages")
         bound = prompt_token_bound(
@@ -304,6 +306,8 @@ class Gateway:
             messages=[m["content"] for m in messages] if messages is not None else None,
             prompt=prompt.get("prompt"),
         )
+        if self._billing != "credits":
+            return Meter(principal, req.model, price, request_id, None)
         amount = hold_amount(price, limits, bound, req.max_tokens)
         hold_id = "hold-" + request_id
         tenant = principal.tenant_id
@@ -327,52 +331,7 @@ class Gateway:
     def _release_if_held(self, done: asyncio.Future[Result], tenant: str, hold_id: str) -> None:
         if done.cancelled() or done.exception() is not None or done.result().code is not Code.OK:
             return
-        task = asyncio.ensure_future(self._ledger.apply(tenant, Release("release-" + hold_id, hold_id)))
-        self._background.add(task)  # type: ignore[arg-type]
-        task.add_done_callback(self._background.discard)  # type: ignore[arg-type]
-
-    def _settle(self, meter: Meter, status: str) -> asyncio.Task[None]:
-        """Charges the tokens the engine reported and writes the usage row, in a task of its own:
-        a client that goes away cancels the response, never the settle. Idempotent per request."""
-        if meter.settled is None:
-            meter.settled = asyncio.create_task(self._settle_now(meter, status))
-            self._background.add(meter.settled)
-            meter.settled.add_done_callback(self._background.discard)
-        return meter.settled
-
-    async def _settle_now(self, meter: Meter, status: str) -> None:
-        last = meter.last
-        prompt_tokens = last.prompt_tokens if last else 0
-        completion_tokens = last.completion_tokens if last else 0
-        charge = cost(meter.price, prompt_tokens, completion_tokens) if meter.hold_id else 0
-        if charge > meter.held and meter.hold_id:  # the bound failed: charge what was held, and say so
-            log.error("request %s cost %d over its hold of %d; charging the hold", meter.request_id, charge, meter.held)
-            charge = meter.held
-        row = UsageRow(
-            meter.request_id,
-            meter.started_at,
-            meter.principal.tenant_id,
-            meter.principal.key_id,
-            self._tap,
-            meter.model,
-            prompt_tokens,
-            completion_tokens,
-            charge,
-            meter.ttft_ms,
-            round((time.monotonic() - meter.t0) * 1000),
-            status,  # type: ignore[arg-type]
-            last.finish_reason if last else None,
-        )
-        tenant = meter.principal.tenant_id
-        try:
-            if meter.hold_id is None:
-                await self._ledger.tenant_call(tenant, "record", row)
-                return
-            result = await self._ledger.apply(tenant, Settle("settle-" + meter.request_id, meter.hold_id, charge), row)
-            if not result.ok:
-                log.error("settle of %s refused: %s", meter.request_id, result.code.value)
-        except Exception as exc:  # the hold times out and is released: never a double or lost charge
-            log.error("settle of %s failed (%s); its hold will expire unused", meter.request_id, type(exc).__name__)
+        self._settler.release(tenant, hold_id)
 
     async def _collect(self, chat: bool, meter: Meter, stream: DeploymentResponseGenerator) -> Response:
         assert meter.last is not None
@@ -393,105 +352,6 @@ class Gateway:
             last.completion_tokens,
         )  # fmt: skip
         return JSONResponse(body)
-
-    # ---- account and usage ------------------------------------------------------------------------
-
-    async def _account_of(self, tenant_id: str) -> dict[str, Any]:
-        account: dict[str, Any] | None = await self._ledger.tenant_call(tenant_id, "account", tenant_id)
-        if account is None:
-            raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
-        return account
-
-    async def _usage_of(self, request: Request, tenant_id: str) -> Response:
-        since, until, group_by = parse_usage_query(dict(request.query_params))
-        report: UsageReport = await self._ledger.tenant_call(tenant_id, "usage", tenant_id, since, until, group_by)
-        return JSONResponse(usage_json(report, tenant_id, since, until))
-
-    async def _account(self, request: Request, principal: Principal) -> Response:
-        return JSONResponse(await self._account_of(principal.tenant_id))
-
-    async def _usage(self, request: Request, principal: Principal) -> Response:
-        return await self._usage_of(request, principal.tenant_id)
-
-    # ---- admin ------------------------------------------------------------------------------------
-
-    async def _create_tenant(self, request: Request, principal: Principal) -> Response:
-        body: CreateTenantBody = parse_body(CreateTenantBody, await request.body())
-        op_id = f"tenant-{body.idempotency_key}" if body.idempotency_key else None
-        result = await self._ledger.create_tenant(body.name, op_id)
-        if result.code is Code.EXISTS_DIFFERENT:
-            raise Conflict("This idempotency_key created another tenant.", param="idempotency_key", code="conflict")
-        if not result.ok:
-            raise Conflict(f"Tenant not created: {result.code.value}.", code=result.code.value)
-        return JSONResponse({"object": "tenant", "tenant_id": result.tenant_id, "name": body.name})
-
-    async def _list_tenants(self, request: Request, principal: Principal) -> Response:
-        shards = await asyncio.gather(*(self._ledger.call(s, "tenant_list") for s in range(self._ledger.shards)))
-        return JSONResponse({"object": "list", "data": [t for shard in shards for t in shard]})
-
-    async def _create_key(self, request: Request, principal: Principal, tenant_id: str) -> Response:
-        body: CreateKeyBody = parse_body(CreateKeyBody, await request.body())
-        tap = body.tap or self._tap
-        created = await self._ledger.tenant_call(tenant_id, "create_key", tenant_id, tap)
-        if created is None:
-            raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
-        key_id, raw = created
-        return JSONResponse({"object": "api_key", "key_id": key_id, "key": raw, "tenant_id": tenant_id, "tap": tap})
-
-    async def _revoke_key(self, request: Request, principal: Principal, key_id: str) -> Response:
-        record = await self._ledger.get_key(key_id)
-        if record is None:
-            raise NotFound(f"No key '{key_id}'.", code="key_not_found")
-        await self._ledger.tenant_call(record.tenant_id, "revoke_key", key_id)
-        self._keys.forget(key_id)
-        return JSONResponse({"object": "api_key", "key_id": key_id, "revoked": True})
-
-    async def _grant(self, request: Request, principal: Principal, tenant_id: str) -> Response:
-        body: GrantBody = parse_body(GrantBody, await request.body())
-        op = GrantCredits(f"grant-{body.idempotency_key}", tenant_id, body.micro_credits)
-        result = await self._ledger.apply(tenant_id, op)
-        if result.code is Code.TENANT_NOT_FOUND:
-            raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
-        if result.code is Code.EXISTS_DIFFERENT:
-            raise Conflict("This idempotency_key was used for another grant.", param="idempotency_key", code="conflict")
-        if not result.ok:
-            raise InvalidRequest(f"Grant refused: {result.code.value}.", code=result.code.value)
-        expires = result.expires_at.isoformat() if result.expires_at else None
-        return JSONResponse({
-            "object": "grant", "grant_id": op.op_id, "tenant_id": tenant_id, "micro_credits": result.micro_credits,
-            "granted_at": result.at.isoformat(), "expires_at": expires, "replayed": result.code is Code.EXISTS,
-        })  # fmt: skip
-
-    async def _admin_account(self, request: Request, principal: Principal, tenant_id: str) -> Response:
-        return JSONResponse(await self._account_of(tenant_id))
-
-    async def _admin_usage(self, request: Request, principal: Principal, tenant_id: str) -> Response:
-        await self._account_of(tenant_id)
-        return await self._usage_of(request, tenant_id)
-
-
-def usage_json(report: UsageReport, tenant_id: str, since: datetime | None, until: datetime | None) -> dict[str, Any]:
-    t = report.totals
-    rows: list[dict[str, Any]] = []
-    for r in report.rows:
-        d = r._asdict() if isinstance(r, UsageRow) else dataclasses.asdict(r)
-        if isinstance(r, UsageRow):
-            d["ts"] = r.ts.isoformat()
-        rows.append(d)
-    return {
-        "object": "usage",
-        "tenant_id": tenant_id,
-        "since": since.isoformat() if since else None,
-        "until": until.isoformat() if until else None,
-        "group_by": report.group_by,
-        "totals": {
-            "requests": t.requests,
-            "prompt_tokens": t.prompt_tokens,
-            "completion_tokens": t.completion_tokens,
-            "cost_micro_credits": t.cost_micro,
-        },
-        "data": rows,
-    }
 
 
 async def _sse(

@@ -2,7 +2,8 @@
 
 The gateway never touches vLLM; it sees :class:`GenerationRequest` in and :class:`Delta` out.
 Token counts come from the engine (prompt ids we tokenised and fed it, ids it generated), never
-re-estimated. Unit tests use the fake in ``tests/fakes.py``; integration tests use this one.
+re-estimated. Unit tests drive it over a fake tokenizer and AsyncLLM (``tests/unit/test_engine.py``);
+integration tests use it whole.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -93,6 +96,9 @@ class VLLMEngine:
         self._limits = PromptLimits(0, 0, 0)
         self._scheduler = _SchedulerCounts()
         self._aborted = 0
+        # Tokenising a long prompt takes seconds: off the replica's loop, which serves every stream. One
+        # thread, as vLLM's own front end does: a fast tokenizer is not safe to call from several at once.
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def start(self) -> None:
         for key, value in self.config.env.items():
@@ -132,7 +138,24 @@ class VLLMEngine:
                 continue
             per_message = max(per_message, len(ids))
         per_prompt = len(self._tokenizer.encode(""))
-        return PromptLimits(self._max_model_len, per_message + 4, per_prompt + 4)
+        return PromptLimits(self._max_model_len, per_message + 4, per_prompt + 4, self._max_token_bytes())
+
+    def _max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token can stand for, over the whole vocabulary (added and
+        special tokens included): bounds a prompt's tokens from below by its bytes, without tokenising.
+
+        A byte-level BPE entry spells each byte as one character; a SentencePiece piece decodes to its
+        text (+1 for the space its '▁' stands for). A normaliser may shrink text (NFC composes up to
+        3 jamo into one syllable), so with one the bound is widened 4×."""
+        vocab: dict[str, int] = self._tokenizer.get_vocab()
+        longest = max((len(token) for token in vocab), default=1)
+        try:
+            texts = self._tokenizer.batch_decode([[i] for i in sorted(vocab.values())])
+            longest = max([longest, *(len(t.encode("utf-8", "replace")) + 1 for t in texts)])
+            normalizer = getattr(getattr(self._tokenizer, "backend_tokenizer", None), "normalizer", "unknown")
+        except Exception:  # not an HF tokenizer: the entries' UTF-8 bytes, widened
+            longest, normalizer = max(len(t.encode("utf-8", "replace")) for t in vocab), "unknown"
+        return longest * (1 if normalizer is None else 4)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids the engine will see: the chat template applied by the model's own tokenizer."""
@@ -145,9 +168,10 @@ class VLLMEngine:
 
     def _sampling_params(self, request: GenerationRequest, prompt_len: int) -> Any:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
-        param = "messages" if request.messages is not None else "prompt"
+        param = _prompt_param(request)
         room = self._max_model_len - prompt_len
         if room < 1:
             raise InvalidRequest(
@@ -170,21 +194,32 @@ class VLLMEngine:
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
         }
-        return SamplingParams(
-            max_tokens=max_tokens,
-            stop=request.stop or None,
-            ignore_eos=request.ignore_eos,
-            min_tokens=min(request.min_tokens, max_tokens),
-            output_kind=RequestOutputKind.DELTA,
-            stream_interval=self.stream_interval,
-            **{k: v for k, v in optional.items() if v is not None},
-        )
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                stop=request.stop or None,
+                ignore_eos=request.ignore_eos,
+                min_tokens=min(request.min_tokens, max_tokens),
+                output_kind=RequestOutputKind.DELTA,
+                stream_interval=self.stream_interval,
+                **{k: v for k, v in optional.items() if v is not None},
+            )
+        except (VLLMClientError, ValueError, TypeError, OverflowError) as exc:  # vLLM's checks of client values
+            raise _client_error(exc) from None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Streams deltas; cancelling the iteration aborts the engine request (vLLM does it on cancel)."""
         from vllm.exceptions import VLLMClientError
 
-        ids = self.prompt_ids(request)
+        loop = asyncio.get_running_loop()
+        try:
+            ids = await loop.run_in_executor(self._tokenize, self.prompt_ids, request)
+        except UnicodeError:
+            raise InvalidRequest(
+                "The prompt is not valid Unicode (it contains a lone surrogate escape such as \\ud800).",
+                param=_prompt_param(request),
+                code="invalid_unicode",
+            ) from None
         params = self._sampling_params(request, len(ids))
         produced = 0
         try:
@@ -195,7 +230,7 @@ class VLLMEngine:
         except APIError:
             raise
         except VLLMClientError as exc:
-            raise InvalidRequest(str(exc)) from None
+            raise _client_error(exc) from None
         except (asyncio.CancelledError, GeneratorExit):
             self._aborted += 1  # vLLM's generate() aborted the request on its way out
             raise
@@ -219,9 +254,30 @@ class VLLMEngine:
         return EngineStats(self._scheduler.running, self._scheduler.waiting, unfinished, self._aborted)
 
     def shutdown(self) -> None:
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+
+
+def _prompt_param(request: GenerationRequest) -> str:
+    return "messages" if request.messages is not None else "prompt"
+
+
+_SAMPLING_FIELDS = re.compile(
+    r"\b(stop|seed|temperature|top_p|max_tokens|min_tokens|presence_penalty|frequency_penalty)\b"
+)
+
+
+def _client_error(exc: Exception) -> InvalidRequest:
+    """A 400 for vLLM's refusal of a request, naming the field (its ``parameter``, else the field its
+    message names, as in "stop cannot contain an empty string")."""
+    message = str(exc)
+    param = getattr(exc, "parameter", None)
+    if param is None:
+        match = _SAMPLING_FIELDS.search(message)
+        param = match.group(1) if match else None
+    return InvalidRequest(f"Invalid request: {message}", param=param, code="invalid_value")
 
 
 class _SchedulerCounts:

@@ -73,6 +73,11 @@ class MethodNotAllowed(APIError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+
+
 class RateLimited(APIError):
     status = 429
     type = "rate_limit_exceeded"

@@ -73,11 +73,12 @@ def verify(raw: str, stored_hash: str, pepper: bytes | None = None) -> bool:
 
 
 def load_or_create_admin_key(data_dir: str | Path) -> str:
-    """The admin key: ``$LLAMA_ORCH_ADMIN_KEY`` if set, else ``<data_dir>/admin_key`` (mode 0600),
-    generated there on first use. The file is a credential like an SSH key; it never enters the DB."""
-    from_env = os.environ.get(ADMIN_KEY_ENV, "").strip()
-    if from_env:
-        return from_env
+    """The admin key: ``$LLAMA_ORCH_ADMIN_KEY`` if set (any secret :func:`validate_admin_key` accepts;
+    ``ValueError`` otherwise), else ``<data_dir>/admin_key`` (mode 0600), generated there on first use.
+    The file is a credential like an SSH key; it never enters the DB."""
+    from_env = os.environ.get(ADMIN_KEY_ENV, "")
+    if from_env.strip():
+        return validate_admin_key(from_env)
     path = Path(data_dir) / ADMIN_KEY_FILE
     if path.exists():
         if path.stat().st_mode & 0o077:
@@ -103,5 +104,43 @@ def load_or_create_admin_key(data_dir: str | Path) -> str:
 
 
 def is_admin_key(raw: str, admin_key: str) -> bool:
-    """Constant-time comparison of a presented bearer token with the admin key."""
-    return hmac.compare_digest(raw.encode("utf-8", "replace"), admin_key.encode("utf-8", "replace"))
+    """Whether a presented bearer token is the admin key: both are hashed, then compared in constant
+    time, so neither the secret's content nor its length shows in the timing.
+
+    >>> is_admin_key("x" * 40, "x" * 40), is_admin_key("x" * 39, "x" * 40), is_admin_key("", "")
+    (True, False, False)
+    """
+    if not admin_key:
+        return False
+    presented = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).digest()
+    expected = hashlib.sha256(admin_key.encode("utf-8", "surrogatepass")).digest()
+    return hmac.compare_digest(presented, expected)
+
+
+ADMIN_KEY_MIN_CHARS = 32
+
+
+def validate_admin_key(raw: str) -> str:
+    """The admin secret a user set (surrounding whitespace dropped); raises ``ValueError`` with one line
+    saying why when it is too short or has spaces, control or non-ASCII characters. The message never
+    contains the secret.
+
+    >>> validate_admin_key("  " + "s" * 32 + "\\n") == "s" * 32
+    True
+    >>> validate_admin_key("hunter2")
+    Traceback (most recent call last):
+    ...
+    ValueError: LLAMA_ORCH_ADMIN_KEY must be at least 32 characters (it has 7); use e.g. `openssl rand -hex 32`.
+    """
+    key = raw.strip()
+    if len(key) < ADMIN_KEY_MIN_CHARS:
+        raise ValueError(
+            f"{ADMIN_KEY_ENV} must be at least {ADMIN_KEY_MIN_CHARS} characters (it has {len(key)}); "
+            "use e.g. `openssl rand -hex 32`."
+        )
+    if not all("!" <= c <= "~" for c in key):
+        raise ValueError(
+            f"{ADMIN_KEY_ENV} must be printable ASCII without spaces or control characters "
+            "(it is sent as an HTTP Bearer token)."
+        )
+    return key

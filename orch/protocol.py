@@ -57,7 +57,7 @@ class _Sampling(_Request):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # the engine's int64, as vLLM's server
     n: int = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
@@ -79,6 +79,8 @@ class _Sampling(_Request):
     def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
         if isinstance(stop, list) and len(stop) > 16:
             raise ValueError("at most 16 stop sequences")
+        if stop == "" or (isinstance(stop, list) and "" in stop):
+            raise ValueError("a stop sequence must not be empty")
         return stop
 
     def stop_list(self) -> list[str]:
@@ -151,8 +153,23 @@ def parse_request(model: type[_Sampling], body: bytes) -> Any:
     ...
     orch.errors.InvalidRequest: Missing required parameter: 'messages'.
     """
+    data = _json_object(body)
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    request.check_supported()  # type: ignore[attr-defined]
+    return request
+
+
+def _json_object(body: bytes, *, empty_is_object: bool = False) -> dict[str, Any]:
+    """The JSON object of a body; 400 for anything else, nesting too deep for the parser included."""
+    if empty_is_object and not body.strip():
+        return {}
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise InvalidRequest("The JSON body of your request is nested too deeply.", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object.",
@@ -160,12 +177,7 @@ def parse_request(model: type[_Sampling], body: bytes) -> Any:
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    try:
-        request = model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    request.check_supported()  # type: ignore[attr-defined]
-    return request
+    return data
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:
@@ -324,12 +336,7 @@ class GrantBody(_Body):
 
 def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """Parses a JSON body into ``model`` (an empty body is ``{}``); 400 naming the parameter."""
-    try:
-        data = json.loads(body) if body.strip() else {}
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    data = _json_object(body, empty_is_object=True)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -356,13 +363,14 @@ def parse_usage_query(params: dict[str, str]) -> tuple[datetime | None, datetime
             continue
         try:
             at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        except ValueError:
+            at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+        except (ValueError, OverflowError):  # OverflowError: 9999-12-31T23:00-01:00 is past year 9999 in UTC
             raise InvalidRequest(
                 f"Invalid '{name}': expected an ISO 8601 date or time like 2026-11-01 or 2026-11-01T12:00:00Z.",
                 param=name,
                 code="invalid_value",
             ) from None
-        times.append(at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC))
+        times.append(at)
     group_by = params.get("group_by") or None
     if group_by not in (None, "day", "model"):
         raise InvalidRequest("Invalid 'group_by': expected 'day' or 'model'.", param="group_by", code="invalid_value")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from orch.billing import ADMIN, KeyCache, PromptLimits, bearer_token, hold_amount, prompt_token_bound
+from orch.billing import ADMIN, KeyCache, MissBudget, PromptLimits, bearer_token, hold_amount, prompt_token_bound
 from orch.errors import Forbidden, InvalidRequest, Unauthorized
 from orch.keys import generate_key, hash_secret, parse_key
 from orch.ledger import Price, cost
@@ -144,3 +144,130 @@ def test_lone_surrogates_are_a_400_not_a_500() -> None:
     with pytest.raises(InvalidRequest) as err:
         prompt_token_bound(PromptLimits(100, 10, 2), messages=["\ud800"])
     assert err.value.param == "messages"
+
+
+def _random_key() -> str:
+    return generate_key()[1]  # well formed, with a key id no store has
+
+
+def test_a_flood_of_unknown_key_ids_from_one_client_costs_at_most_its_miss_budget() -> None:
+    store = FakeKeyStore()
+    now = [0.0]
+    budget = MissBudget(burst=20, per_s=2.0, total_burst=1000, total_per_s=100.0)
+    cache = KeyCache(store.fetch, ADMIN_KEY, clock=lambda: now[0], max_misses=1000, miss_budget=budget)
+    good = [store.add(f"t-{i}") for i in range(5)]
+
+    async def scenario() -> None:
+        for raw in good:
+            await cache.authenticate(raw, "public", client="10.0.0.1")
+        store.fetches = 0
+        for i in range(10_000):
+            with pytest.raises(Unauthorized):
+                await cache.authenticate(_random_key(), "public", client="10.0.0.66")
+            if i % 1000 == 0:  # good keys stay cached throughout: no fetch for them
+                for raw in good:
+                    assert (await cache.authenticate(raw, "public", client="10.0.0.1")).tap == "public"
+        assert store.fetches <= budget.burst
+        assert cache.refused == 10_000 - store.fetches
+        # Another client's budget is its own, and the flooder's refills with time.
+        with pytest.raises(Unauthorized):
+            await cache.authenticate(_random_key(), "public", client="10.0.0.2")
+        assert store.fetches == budget.burst + 1
+        now[0] = 1.0
+        with pytest.raises(Unauthorized):
+            await cache.authenticate(_random_key(), "public", client="10.0.0.66")
+        assert store.fetches == budget.burst + 2
+
+    asyncio.run(scenario())
+
+
+def test_misses_never_evict_known_keys() -> None:
+    store = FakeKeyStore()
+    cache = KeyCache(
+        store.fetch, ADMIN_KEY, clock=lambda: 0.0, max_entries=10, max_misses=10,
+        miss_budget=MissBudget(burst=10**6, total_burst=10**6),
+    )  # fmt: skip
+    good = store.add("t-1")
+
+    async def scenario() -> None:
+        await cache.authenticate(good, "public")
+        for _ in range(500):  # many distinct clients, so no per-client budget stops them
+            with pytest.raises(Unauthorized):
+                await cache.authenticate(_random_key(), "public", client=str(random.random()))
+        fetches = store.fetches
+        assert (await cache.authenticate(good, "public")).tenant_id == "t-1"
+        assert store.fetches == fetches
+
+    asyncio.run(scenario())
+
+
+def test_a_known_key_is_looked_up_again_after_the_ttl_even_when_its_client_budget_is_spent() -> None:
+    store = FakeKeyStore()
+    now = [0.0]
+    cache = KeyCache(store.fetch, ADMIN_KEY, clock=lambda: now[0], miss_budget=MissBudget(burst=1, per_s=0.0))
+    good = store.add("t-1")
+
+    async def scenario() -> None:
+        await cache.authenticate(good, "public", client="c")
+        with pytest.raises(Unauthorized):
+            await cache.authenticate(_random_key(), "public", client="c")
+        now[0] = 10.0  # past the ttl: the known key is fetched again (a revocation must be seen)
+        assert (await cache.authenticate(good, "public", client="c")).tenant_id == "t-1"
+        assert store.fetches == 2
+
+    asyncio.run(scenario())
+
+
+def test_any_admin_secret_authenticates_without_a_lookup() -> None:
+    store = FakeKeyStore()
+    own = "a-user-chosen-admin-secret-of-40-chars-x"
+    cache = KeyCache(store.fetch, own)
+
+    async def scenario() -> None:
+        assert await cache.authenticate(own, "public") is ADMIN
+        for wrong in (own[:-1], own + "y", "sk-orch-admin-" + "a" * 52):
+            with pytest.raises(Unauthorized):
+                await cache.authenticate(wrong, "public")
+        assert store.fetches == 0
+
+    asyncio.run(scenario())
+
+
+def test_forget_tap_drops_its_cached_keys_only() -> None:
+    store = FakeKeyStore()
+    cache = KeyCache(store.fetch, ADMIN_KEY)
+    acme, other = store.add("t-1", tap="acme"), store.add("t-2", tap="public")
+
+    async def scenario() -> None:
+        await cache.authenticate(acme, "acme")
+        await cache.authenticate(other, "public")
+        assert cache.forget_tap("acme") == 1
+        fetches = store.fetches
+        await cache.authenticate(other, "public")
+        assert store.fetches == fetches
+        store.records[parse_key(acme)[0]] = store.records[parse_key(acme)[0]]._replace(revoked_at=datetime.now(UTC))
+        with pytest.raises(Unauthorized):  # refetched at once, not after the ttl
+            await cache.authenticate(acme, "acme")
+
+    asyncio.run(scenario())
+
+
+def test_a_prompt_longer_than_any_tokenisation_could_fit_is_refused_without_tokenising() -> None:
+    limits = PromptLimits(max_model_len=2048, per_message_tokens=20, per_prompt_tokens=3, max_token_bytes=100)
+    assert prompt_token_bound(limits, prompt="x" * 204_800) == 2048  # could still fit: the engine decides
+    for prompt, messages, param in ((["x" * 204_801], None, "prompt"), (None, ["x" * 100_000] * 3, "messages")):
+        with pytest.raises(InvalidRequest) as err:
+            if messages is None:
+                prompt_token_bound(limits, prompt=prompt[0])
+            else:
+                prompt_token_bound(limits, messages=messages)
+        assert (err.value.status, err.value.param, err.value.code) == (400, param, "context_length_exceeded")
+    with pytest.raises(InvalidRequest) as err:
+        prompt_token_bound(limits, prompt=[1] * 2049)
+    assert err.value.param == "prompt"
+
+
+def test_a_lone_surrogate_in_a_plain_prompt_is_a_400_naming_prompt() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        prompt_token_bound(PromptLimits(100, 10, 2), prompt="ok \udc80")
+    assert (err.value.param, err.value.code) == ("prompt", "invalid_unicode")

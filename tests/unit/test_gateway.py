@@ -6,13 +6,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import pytest
 from openai.types.chat import ChatCompletionChunk
 from ray.exceptions import ActorDiedError, RayTaskError
+from starlette.requests import Request
 
-from apps.gateway import Meter, _sse, api_error
+from apps.gateway import Meter, _sse, api_error, read_body
 from orch.billing import Principal
 from orch.engine import Delta
-from orch.errors import EngineUnavailable, InvalidRequest
+from orch.errors import EngineUnavailable, InvalidRequest, PayloadTooLarge
 from orch.ledger import Price
 from orch.protocol import ChunkWriter
 
@@ -138,3 +140,36 @@ def test_sse_of_a_one_delta_completion_closed_at_once_still_settles() -> None:
 
     asyncio.run(client_goes_away())
     assert settle.calls == [("aborted", 1)]
+
+
+def _request(headers: dict[str, str], chunks: list[bytes]) -> tuple[Request, list[int]]:
+    """A Starlette request whose body arrives in ``chunks``; counts the receive() calls."""
+    received: list[int] = []
+
+    async def receive() -> dict[str, object]:
+        received.append(1)
+        i = len(received) - 1
+        return {"type": "http.request", "body": chunks[i], "more_body": i + 1 < len(chunks)}
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }  # fmt: skip
+    return Request(scope, receive), received
+
+
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_read() -> None:
+    request, received = _request({"content-length": str(20 << 20)}, [b"x" * 1024])
+    with pytest.raises(PayloadTooLarge) as err:
+        asyncio.run(read_body(request))
+    assert err.value.status == 413 and err.value.body()["error"]["code"] == "request_too_large"
+    assert received == []
+
+
+def test_a_streamed_body_is_cut_off_once_past_the_limit() -> None:
+    request, received = _request({}, [b"x" * 1000] * 100)
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(request, limit=4500))
+    assert len(received) == 5  # stopped at the chunk that crossed the limit, not at the end
+    request, _ = _request({"content-length": "3"}, [b"{}", b" "])
+    assert asyncio.run(read_body(request, limit=4500)) == b"{} "

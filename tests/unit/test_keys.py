@@ -18,6 +18,7 @@ from orch.keys import (
     is_admin_key,
     load_or_create_admin_key,
     parse_key,
+    validate_admin_key,
     verify,
 )
 
@@ -95,9 +96,29 @@ def test_pepper_changes_the_hash_and_is_needed_to_verify() -> None:
 
 
 def test_admin_key_comes_from_the_environment_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ADMIN_KEY_ENV, "sk-orch-admin-fromenv")
-    assert load_or_create_admin_key(tmp_path) == "sk-orch-admin-fromenv"
+    own = "my-own-secret-of-forty-characters-xxxxx"
+    monkeypatch.setenv(ADMIN_KEY_ENV, f" {own}\n")
+    assert load_or_create_admin_key(tmp_path) == own
     assert not (tmp_path / "admin_key").exists()
+
+
+@pytest.mark.parametrize("bad", ["short-secret", "a" * 31, "a" * 20 + " " + "a" * 20, "a" * 40 + "\x07", "é" * 40])
+def test_admin_key_from_the_environment_is_refused_in_one_line(
+    bad: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ADMIN_KEY_ENV, bad)
+    with pytest.raises(ValueError) as error:
+        load_or_create_admin_key(tmp_path)
+    message = str(error.value)
+    assert message.startswith(ADMIN_KEY_ENV + " must be") and "\n" not in message
+    assert bad.strip() not in message  # never echoes the secret
+    with pytest.raises(ValueError):
+        validate_admin_key(bad)
+
+
+def test_any_admin_secret_of_32_printable_characters_is_accepted() -> None:
+    for secret in ("x" * 32, "0123456789abcdef" * 4, "Pa$$w0rd!-with_symbols.and~more/+=="):
+        assert validate_admin_key(secret) == secret
 
 
 def test_admin_key_is_generated_once_into_a_private_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,3 +156,19 @@ def test_is_admin_key_matches_only_the_admin_key(tmp_path: Path, monkeypatch: py
     assert is_admin_key(admin, admin)
     assert not is_admin_key(generate_key()[1], admin)
     assert not is_admin_key("", admin)
+    assert not is_admin_key("", "")  # no admin key configured: nothing matches
+    own = "my-own-secret-of-forty-characters-xxxxx"
+    assert is_admin_key(own, own) and not is_admin_key(own[:-1], own) and not is_admin_key(own + "x", own)
+
+
+def test_admin_key_comparison_hashes_both_sides_before_comparing(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(keys.hmac, "compare_digest", spy)
+    is_admin_key("short", "a-much-longer-admin-secret-of-40-chars-xx")
+    assert [(len(a), len(b)) for a, b in compared] == [(32, 32)]  # equal lengths: the length never leaks

@@ -13,8 +13,11 @@ from orch.protocol import (
     ChatCompletionRequest,
     ChunkWriter,
     CompletionRequest,
+    GrantBody,
     chat_completion,
+    parse_body,
     parse_request,
+    parse_usage_query,
     text_completion,
 )
 
@@ -129,3 +132,31 @@ def test_text_completion_chunks() -> None:
     assert w.first() == b""
     frame = _frames(w.delta(" Paris", "length"))[0]
     assert Completion.model_validate(frame).choices[0].finish_reason == "length"
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_recursion_error() -> None:
+    deep = b"[" * 100_000
+    assert _raises(ChatCompletionRequest, deep).code == "invalid_json"
+    with pytest.raises(InvalidRequest) as err:
+        parse_body(GrantBody, deep)
+    assert (err.value.status, err.value.code) == (400, "invalid_json")  # the whole body: no param, as OpenAI
+
+
+@pytest.mark.parametrize("stop", ["", ["ok", ""]])
+def test_an_empty_stop_sequence_is_a_400_naming_stop(stop: str | list[str]) -> None:
+    err = _raises(CompletionRequest, {"model": "m", "prompt": "x", "stop": stop})
+    assert (err.status, err.param) == (400, "stop")
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**63, -(2**63) - 1])
+def test_a_seed_outside_int64_is_a_400_naming_seed(seed: int) -> None:
+    err = _raises(ChatCompletionRequest, {**CHAT, "seed": seed})
+    assert (err.status, err.param) == (400, "seed")
+    assert parse_request(ChatCompletionRequest, json.dumps({**CHAT, "seed": 2**63 - 1}).encode()).seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("when", ["9999-12-31T23:00:00-01:00", "0001-01-01T00:30:00+01:00"])
+def test_a_usage_time_past_the_calendar_in_utc_is_a_400_naming_it(when: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_usage_query({"until": when})
+    assert (err.value.status, err.value.param) == (400, "until")

@@ -1,0 +1,162 @@
+"""Account routes of a tap's gateway: the tenant's own ``GET /v1/account`` and ``GET /v1/usage``, and
+the admin API (Bearer admin key): tenants, keys, grants, accounts, usage, and a tap's keys.
+
+Routes map HTTP to ledger calls and results to HTTP; the money rules live in the ledger.
+``apps/gateway.py`` mounts these handlers next to the OpenAI routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from actors.ledger import LedgerClient
+from orch.billing import KeyCache, Principal
+from orch.errors import Conflict, InvalidRequest, NotFound
+from orch.ledger import Code, GrantCredits
+from orch.protocol import CreateKeyBody, CreateTenantBody, GrantBody, parse_body, parse_usage_query
+from orch.store import UsageReport, UsageRow
+
+Handler = Callable[..., Awaitable[Response]]
+BodyReader = Callable[[Request], Awaitable[bytes]]
+
+TENANT_ID, KEY_ID, TAP = r"(t-[0-9a-f]{12})", r"([a-z2-7]{16})", r"([a-z0-9][a-z0-9-]{0,63})"
+
+
+class AccountAPI:
+    """Handlers of the account and admin routes of the tap ``tap``; ``read_body`` reads a request body
+    within the gateway's size limit."""
+
+    def __init__(self, ledger: LedgerClient, keys: KeyCache, tap: str, read_body: BodyReader) -> None:
+        self._ledger = ledger
+        self._keys = keys
+        self._tap = tap
+        self._read_body = read_body
+
+    def routes(self) -> list[tuple[str, re.Pattern[str], Handler, str]]:
+        """``(method, path pattern, handler, auth)`` of every route here; auth is "tenant" or "admin"."""
+        tenant, admin = "tenant", "admin"
+        return [
+            ("GET", re.compile(r"/v1/account"), self.account, tenant),
+            ("GET", re.compile(r"/v1/usage"), self.usage, tenant),
+            ("POST", re.compile(r"/admin/tenants"), self.create_tenant, admin),
+            ("GET", re.compile(r"/admin/tenants"), self.list_tenants, admin),
+            ("POST", re.compile(rf"/admin/tenants/{TENANT_ID}/keys"), self.create_key, admin),
+            ("DELETE", re.compile(rf"/admin/keys/{KEY_ID}"), self.revoke_key, admin),
+            ("DELETE", re.compile(rf"/admin/taps/{TAP}/keys"), self.revoke_tap_keys, admin),
+            ("POST", re.compile(rf"/admin/tenants/{TENANT_ID}/grants"), self.grant, admin),
+            ("GET", re.compile(rf"/admin/tenants/{TENANT_ID}/account"), self.admin_account, admin),
+            ("GET", re.compile(rf"/admin/tenants/{TENANT_ID}/usage"), self.admin_usage, admin),
+        ]
+
+    async def _account_of(self, tenant_id: str) -> dict[str, Any]:
+        account: dict[str, Any] | None = await self._ledger.tenant_call(tenant_id, "account", tenant_id)
+        if account is None:
+            raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
+        return account
+
+    async def _usage_of(self, request: Request, tenant_id: str) -> Response:
+        since, until, group_by = parse_usage_query(dict(request.query_params))
+        report: UsageReport = await self._ledger.tenant_call(tenant_id, "usage", tenant_id, since, until, group_by)
+        return JSONResponse(usage_json(report, tenant_id, since, until))
+
+    async def account(self, request: Request, principal: Principal) -> Response:
+        return JSONResponse(await self._account_of(principal.tenant_id))
+
+    async def usage(self, request: Request, principal: Principal) -> Response:
+        return await self._usage_of(request, principal.tenant_id)
+
+    # ---- admin ----
+
+    async def create_tenant(self, request: Request, principal: Principal) -> Response:
+        body: CreateTenantBody = parse_body(CreateTenantBody, await self._read_body(request))
+        op_id = f"tenant-{body.idempotency_key}" if body.idempotency_key else None
+        result = await self._ledger.create_tenant(body.name, op_id)
+        if result.code is Code.EXISTS_DIFFERENT:
+            raise Conflict("This idempotency_key created another tenant.", param="idempotency_key", code="conflict")
+        if not result.ok:
+            raise Conflict(f"Tenant not created: {result.code.value}.", code=result.code.value)
+        return JSONResponse({"object": "tenant", "tenant_id": result.tenant_id, "name": body.name})
+
+    async def list_tenants(self, request: Request, principal: Principal) -> Response:
+        shards = await asyncio.gather(*(self._ledger.call(s, "tenant_list") for s in range(self._ledger.shards)))
+        return JSONResponse({"object": "list", "data": [t for shard in shards for t in shard]})
+
+    async def create_key(self, request: Request, principal: Principal, tenant_id: str) -> Response:
+        body: CreateKeyBody = parse_body(CreateKeyBody, await self._read_body(request))
+        tap = body.tap or self._tap
+        created = await self._ledger.tenant_call(tenant_id, "create_key", tenant_id, tap)
+        if created is None:
+            raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
+        key_id, raw = created
+        return JSONResponse({"object": "api_key", "key_id": key_id, "key": raw, "tenant_id": tenant_id, "tap": tap})
+
+    async def revoke_key(self, request: Request, principal: Principal, key_id: str) -> Response:
+        record = await self._ledger.get_key(key_id)
+        if record is None:
+            raise NotFound(f"No key '{key_id}'.", code="key_not_found")
+        await self._ledger.tenant_call(record.tenant_id, "revoke_key", key_id)
+        self._keys.forget(key_id)
+        return JSONResponse({"object": "api_key", "key_id": key_id, "revoked": True})
+
+    async def revoke_tap_keys(self, request: Request, principal: Principal, tap: str) -> Response:
+        """Revokes every key of ``tap`` on every shard (``tap delete``: a reused name gets no old keys)."""
+        counts = await asyncio.gather(
+            *(self._ledger.call(s, "revoke_tap_keys", tap) for s in range(self._ledger.shards))
+        )
+        self._keys.forget_tap(tap)  # this replica at once; others within the key cache's ttl
+        return JSONResponse({"object": "tap_keys", "tap": tap, "revoked": sum(counts)})
+
+    async def grant(self, request: Request, principal: Principal, tenant_id: str) -> Response:
+        body: GrantBody = parse_body(GrantBody, await self._read_body(request))
+        op = GrantCredits(f"grant-{body.idempotency_key}", tenant_id, body.micro_credits)
+        result = await self._ledger.apply(tenant_id, op)
+        if result.code is Code.TENANT_NOT_FOUND:
+            raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
+        if result.code is Code.EXISTS_DIFFERENT:
+            raise Conflict("This idempotency_key was used for another grant.", param="idempotency_key", code="conflict")
+        if not result.ok:
+            raise InvalidRequest(f"Grant refused: {result.code.value}.", code=result.code.value)
+        expires = result.expires_at.isoformat() if result.expires_at else None
+        return JSONResponse({
+            "object": "grant", "grant_id": op.op_id, "tenant_id": tenant_id, "micro_credits": result.micro_credits,
+            "granted_at": result.at.isoformat(), "expires_at": expires, "replayed": result.code is Code.EXISTS,
+        })  # fmt: skip
+
+    async def admin_account(self, request: Request, principal: Principal, tenant_id: str) -> Response:
+        return JSONResponse(await self._account_of(tenant_id))
+
+    async def admin_usage(self, request: Request, principal: Principal, tenant_id: str) -> Response:
+        await self._account_of(tenant_id)
+        return await self._usage_of(request, tenant_id)
+
+
+def usage_json(report: UsageReport, tenant_id: str, since: datetime | None, until: datetime | None) -> dict[str, Any]:
+    t = report.totals
+    rows: list[dict[str, Any]] = []
+    for r in report.rows:
+        d = r._asdict() if isinstance(r, UsageRow) else dataclasses.asdict(r)
+        if isinstance(r, UsageRow):
+            d["ts"] = r.ts.isoformat()
+        rows.append(d)
+    return {
+        "object": "usage",
+        "tenant_id": tenant_id,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+        "group_by": report.group_by,
+        "totals": {
+            "requests": t.requests,
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens,
+            "cost_micro_credits": t.cost_micro,
+        },
+        "data": rows,
+    }

@@ -1,0 +1,169 @@
+"""Settling admitted requests: the engine's exact counts → one Settle (with its usage row) in the
+tenant's ledger, retried with the same op id until it commits, and drained when a gateway stops.
+
+Pure asyncio over a small ledger seam (:class:`SettleLedger`; the gateway passes its
+``LedgerClient``), so the money path's retries are tested without Ray (``tests/unit/test_metering.py``).
+A retry can never charge twice: the ledger answers a repeated op id with the first result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from orch.billing import Principal
+from orch.engine import Delta
+from orch.ledger import Op, Price, Release, Result, Settle, cost
+from orch.store import UsageRow
+
+log = logging.getLogger("ray.serve")
+
+# A settle is retried this long (a late one still charges the balance); within the ledger's idempotency window.
+SETTLE_RETRY_S = 12 * 3600.0
+SETTLE_BACKOFF_MAX_S = 30.0
+
+
+class SettleLedger(Protocol):
+    """What settling needs of the ledger (``actors.ledger.LedgerClient``)."""
+
+    async def apply(self, tenant_id: str, op: Op, usage: UsageRow | None = None) -> Result: ...
+
+    async def tenant_call(self, tenant_id: str, method: str, *args: Any) -> Any: ...
+
+
+@dataclass
+class Meter:
+    """One admitted request: its hold, timings and the last counts the engine reported."""
+
+    principal: Principal
+    model: str
+    price: Price
+    request_id: str
+    hold_id: str | None  # None: contract billing, nothing held
+    held: int = 0  # micro-credits the hold reserved
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    t0: float = field(default_factory=time.monotonic)
+    ttft_ms: int | None = None
+    last: Delta | None = None
+    settled: asyncio.Task[None] | None = None
+
+    def first_token(self) -> None:
+        self.ttft_ms = round((time.monotonic() - self.t0) * 1000)
+
+
+class Settler:
+    """Settles meters and releases abandoned holds in tasks of their own (a client that goes away
+    cancels its response, never its settle), retrying each with the same op id; :meth:`drain` waits
+    for the ones still pending when the replica stops.
+
+    >>> settler = Settler(ledger_client, "public")  # doctest: +SKIP
+    >>> await settler.settle(meter, "ok")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        ledger: SettleLedger,
+        tap: str,
+        *,
+        retry_s: float = SETTLE_RETRY_S,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ledger = ledger
+        self._tap = tap
+        self._retry_s = retry_s
+        self._sleep = sleep
+        self._clock = clock
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def settle(self, meter: Meter, status: str) -> asyncio.Task[None]:
+        """Charges the tokens the engine reported and writes the usage row. Idempotent per request."""
+        if meter.settled is None:
+            meter.settled = self._track(self._settle_now(meter, status))
+        return meter.settled
+
+    def release(self, tenant_id: str, hold_id: str) -> None:
+        """Releases a hold whose request never ran (its client left while the hold committed)."""
+        self._track(self._commit(tenant_id, Release("release-" + hold_id, hold_id), None, hold_id))
+
+    def _track(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    async def drain(self, timeout_s: float) -> int:
+        """Waits up to ``timeout_s`` for pending settles and releases; returns how many did not finish
+        (each logged: its usage is lost and its hold expires)."""
+        pending = set(self._pending)
+        if not pending:
+            return 0
+        log.info("draining %d pending settles", len(pending))
+        _, left = await asyncio.wait(pending, timeout=timeout_s)
+        for task in left:
+            task.cancel()
+        if left:
+            log.error("%d settles did not commit before shutdown; their holds will expire", len(left))
+        return len(left)
+
+    async def _settle_now(self, meter: Meter, status: str) -> None:
+        last = meter.last
+        prompt_tokens = last.prompt_tokens if last else 0
+        completion_tokens = last.completion_tokens if last else 0
+        charge = cost(meter.price, prompt_tokens, completion_tokens) if meter.hold_id else 0
+        if charge > meter.held and meter.hold_id:  # the bound failed: charge what was held, and say so
+            log.error("request %s cost %d over its hold of %d; charging the hold", meter.request_id, charge, meter.held)
+            charge = meter.held
+        row = UsageRow(
+            meter.request_id,
+            meter.started_at,
+            meter.principal.tenant_id,
+            meter.principal.key_id,
+            self._tap,
+            meter.model,
+            prompt_tokens,
+            completion_tokens,
+            charge,
+            meter.ttft_ms,
+            round((time.monotonic() - meter.t0) * 1000),
+            status,  # type: ignore[arg-type]
+            last.finish_reason if last else None,
+        )
+        tenant = meter.principal.tenant_id
+        op = Settle("settle-" + meter.request_id, meter.hold_id, charge) if meter.hold_id else None
+        await self._commit(tenant, op, row, meter.request_id)
+
+    async def _commit(self, tenant: str, op: Op | None, row: UsageRow | None, what: str) -> None:
+        """Applies ``op`` (or records ``row`` alone) until the ledger answers, backing off; the op id
+        makes every retry the same op."""
+        deadline = self._clock() + self._retry_s
+        delay = 0.5
+        name = type(op).__name__ if op is not None else "Record"
+        while True:
+            try:
+                if op is None:
+                    await self._ledger.tenant_call(tenant, "record", row)
+                    return
+                result = await self._ledger.apply(tenant, op, row)
+                break
+            except Exception as exc:  # LedgerUnavailable or a Ray failure: the op id makes a retry safe
+                if self._clock() + delay > deadline:
+                    log.error("%s of %s failed for good (%s)", name, what, type(exc).__name__)
+                    return
+                log.warning("%s of %s failed (%s); retrying in %.1f s", name, what, type(exc).__name__, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, SETTLE_BACKOFF_MAX_S)
+        if result.ok and result.late and isinstance(op, Settle):  # the hold timed out first: charged from the balance
+            log.warning("%s of %s came after its hold expired: %d of %d micro-credits charged",
+                        name, what, result.micro_credits, op.micro_credits)  # fmt: skip
+        elif not result.ok:
+            log.error("%s of %s refused: %s", name, what, result.code.value)
