@@ -29,8 +29,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from orch.cluster import ClusterState, read_state, start_head, state_file, stop_head, use_cluster
+from orch.cluster import ClusterState, job_address, read_state, start_head, state_file, stop_head, use_cluster
 from orch.config import ConfigError, data_dir, load_serve_config
+from orch.startup import app_start_failure
 
 DEFAULT_CONFIG = "configs/local.yaml"
 
@@ -72,29 +73,74 @@ def _say(msg: str) -> None:
 def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_s: float) -> int:
     config = load_serve_config(config_path)
     config = _with_data_dir(config, root)
-    _materialise_sources(config, root)
-
+    _check_admin_key()
     state = read_state(root)
     address = os.environ.get("RAY_ADDRESS") or None
+    base = _base_url(config)
+    _check_port(config, None if address else state, root)
+    _materialise_sources(config, root)
     started = False
     if address is None and state is None:
         _say(f"starting a local Ray head ({num_cpus} CPUs, {num_gpus} GPUs) ...")
         state = start_head(root, num_cpus=num_cpus, num_gpus=num_gpus)
         started = True
-    address = address or (state.gcs_address if state else None)
-    _connect(address, state)
-    from orch.tapctl import desired_config, load_taps
+    try:
+        address = address or (state.gcs_address if state else None)
+        _connect(address, state)
+        from orch.tapctl import desired_config, load_taps
 
-    _deploy(desired_config(config, load_taps(root)))  # private taps created earlier come back too
-    _record_up(root, config, started)
-    base = _base_url(config)
-    _say(f"deploying {config_path} (first start loads the engine; ~1 min on a laptop CPU) ...")
-    _wait_running(config, timeout_s)
-    _wait_http(base + "/health", timeout_s)
+        _deploy(desired_config(config, load_taps(root)))  # private taps created earlier come back too
+        _record_up(root, config)
+        _say(f"deploying {config_path} (first start loads the engine; ~1 min on a laptop CPU) ...")
+        _wait_running(config, timeout_s)
+        _wait_http(base + "/health", timeout_s)
+        _check_port(config, None if os.environ.get("RAY_ADDRESS") else state, root)  # the answer was ours
+    except BaseException:
+        if started and state is not None:  # nothing half-started stays behind
+            _leave_cluster()
+            stop_head(state)
+            (root / "up.json").unlink(missing_ok=True)
+        raise
     print(f"llama-orch is up: {base}/v1")
+    if state is not None and (jobs := job_address(state)):
+        print(f"ray jobs: {jobs}  (see `llama-orch status` for the client environment)")
     if any(str(a.get("import_path", "")).startswith("apps.") for a in config["applications"]):
         _ensure_demo(root, base)
     return 0
+
+
+def _check_admin_key() -> None:
+    """A secret set in the environment must be one the server accepts: refused here, before anything starts."""
+    from orch.keys import ADMIN_KEY_ENV, validate_admin_key
+
+    raw = os.environ.get(ADMIN_KEY_ENV, "")
+    if raw.strip():
+        try:
+            validate_admin_key(raw)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _check_port(config: dict[str, Any], own: ClusterState | None, root: Path) -> None:
+    """Refuses a port that a process outside this stack's own Ray head listens on: Ray's proxies set
+    SO_REUSEPORT, so two stacks on one port would split connections between their tenants and ledgers."""
+    from orch.cluster import descends_from, listeners
+
+    port = int((config.get("http_options") or {}).get("port", 8000))
+    foreign = [pid for pid in listeners(port) if pid is None or own is None or not descends_from(pid, own.pid)]
+    if foreign:
+        who = f"pid {foreign[0]}" if foreign[0] is not None else "another process"
+        raise RuntimeError(
+            f"port {port} is already served by {who}, not by this stack (data dir {root}); stop that server "
+            "(`llama-orch down` in its folder) or set http_options.port in the config"
+        )
+
+
+def _leave_cluster() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 DEMO_GRANT = 10_000_000  # 10 credits
@@ -273,12 +319,25 @@ def _with_data_dir(config: dict[str, Any], root: Path) -> dict[str, Any]:
 
 def _materialise_sources(config: dict[str, Any], root: Path) -> None:
     """Converts the default model here, with a progress bar, instead of silently inside a replica."""
+    import errno
+    import shutil
+
     from orch.models import DEFAULT_MODEL_NAME, materialise_default_model
 
     for app in config["applications"]:
         for model in (app.get("args") or {}).get("models", []):
             if model.get("source", "default") in ("default", DEFAULT_MODEL_NAME):
-                materialise_default_model(Path(app["args"]["data_dir"]))
+                where = Path(app["args"]["data_dir"])
+                try:
+                    materialise_default_model(where)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                        raise
+                    free = shutil.disk_usage(where).free // 2**20 if where.exists() else 0
+                    raise RuntimeError(
+                        f"cannot convert the default model into {where / 'models'}: {exc.strerror} ({free} MiB free "
+                        "there; it needs about 600 MiB); free some space or pick another --data-dir"
+                    ) from None
                 return
 
 
@@ -305,10 +364,11 @@ def _deploy(config: dict[str, Any]) -> None:
     client.deploy_apps(schema, _blocking=False)
 
 
-def _record_up(root: Path, config: dict[str, Any], started_head: bool) -> None:
-    record = {"apps": [a["name"] for a in config["applications"]], "started_head": started_head,
-              "base_url": _base_url(config), "config": config}  # fmt: skip
-    (root / "up.json").write_text(json.dumps(record))
+def _record_up(root: Path, config: dict[str, Any]) -> None:
+    from orch.files import write_json_atomic
+
+    record = {"apps": [a["name"] for a in config["applications"]], "base_url": _base_url(config), "config": config}
+    write_json_atomic(root / "up.json", record)
 
 
 def _base_url(config: dict[str, Any]) -> str:
@@ -325,6 +385,9 @@ def _wait_running(config: dict[str, Any], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         apps = serve.status().applications
+        for name in names:
+            if cause := app_start_failure(apps.get(name)):
+                raise RuntimeError(f"app '{name}': {cause}")
         failed = [(n, apps[n].message) for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"]
         if failed:
             name, message = failed[0]
@@ -367,6 +430,8 @@ def cmd_status(root: Path) -> int:
     print(f"ray: {address}" + (f" (started by up, pid {state.pid})" if state else ""))
     if state is not None:
         print("ray/serve CLI env: " + " ".join(f"{k}={v}" for k, v in state.client_env().items()))
+        if jobs := job_address(state):
+            print(f"ray jobs: {jobs}")
     for name, app in status.applications.items():
         print(f"app {name}: {_word(app.status)}")
         for dep_name, dep in app.deployments.items():
@@ -391,20 +456,22 @@ def _read_up(root: Path) -> dict[str, Any] | None:
 
 
 def cmd_down(root: Path) -> int:
+    """Stops this data dir's own Ray head whenever one runs (however many `up`s used it); on a cluster
+    `up` did not start (RAY_ADDRESS), deletes the apps it deployed and leaves the cluster running."""
     state = read_state(root)
     record = _read_up(root)
-    if state is not None and (record is None or record.get("started_head")):
+    if state is not None:
         stop_head(state)
         print(f"stopped the Ray head started by up (pid {state.pid})")
-    elif record is not None:
-        _connect(os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None), state)
+    elif record is not None and os.environ.get("RAY_ADDRESS"):
+        _connect(os.environ["RAY_ADDRESS"], None)
         from ray import serve
 
         for name in record["apps"]:
             serve.delete(name)
         print(f"deleted apps {record['apps']}; the Ray cluster was not started by up and keeps running")
     else:
-        print("nothing to stop")
+        print(f"nothing to stop: no llama-orch stack runs for data dir {root}")
     (root / "up.json").unlink(missing_ok=True)
     state_file(root).unlink(missing_ok=True)
     return 0
@@ -449,20 +516,29 @@ def _pairs(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_tap(root: Path, args: argparse.Namespace) -> int:
-    from orch.capacity import InsufficientGPUs, snapshot
-    from orch.config import load_args
-    from orch.tapctl import check_capacity, desired_config, list_text, load_taps, save_taps, wait_app
-    from orch.tapspec import TapSpec
+    from orch.tapctl import list_text, load_taps
 
     record = _read_up(root)
     if record is None or "config" not in record:
         raise RuntimeError(f"no stack recorded in {root}; run `llama-orch up` first")
     state = read_state(root)
     _connect(os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None), state)
-    taps = load_taps(root)
     if args.action == "list":
-        print(list_text(taps))
+        print(list_text(load_taps(root)))
         return 0
+    from orch.tapctl import taps_lock
+
+    with taps_lock(root):  # one tap change at a time: a concurrent run never drops this one's change
+        return _change_tap(root, args, record)
+
+
+def _change_tap(root: Path, args: argparse.Namespace, record: dict[str, Any]) -> int:
+    from orch.capacity import InsufficientGPUs, snapshot
+    from orch.config import load_args
+    from orch.tapctl import check_capacity, desired_config, load_taps, save_taps, wait_app
+    from orch.tapspec import TapSpec
+
+    taps = load_taps(root)
     name = f"private-{args.client}"
     if args.action == "delete":
         if taps.pop(args.client, None) is None:
@@ -470,7 +546,9 @@ def cmd_tap(root: Path, args: argparse.Namespace) -> int:
         save_taps(root, taps)
         _deploy(desired_config(record["config"], taps))
         wait_app(name, args.timeout, gone=True)
-        print(f"deleted {name}; its GPUs are free")
+        # Keys are per tap name: a tap created again under this name must not accept the old ones.
+        revoked = AdminClient(record["base_url"], _admin_key(root)).request("DELETE", f"/admin/taps/{name}/keys")
+        print(f"deleted {name}; its GPUs are free and its {revoked['revoked']} key(s) revoked")
         return 0
     if args.action == "create":
         if args.client in taps:

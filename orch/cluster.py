@@ -8,6 +8,7 @@ The head runs in a daemon process of ours (``python -m orch.cluster``) that hold
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -81,7 +82,12 @@ def start_head(data_dir: Path, *, num_cpus: int, num_gpus: int, timeout_s: float
     path = state_file(data_dir)
     path.unlink(missing_ok=True)
     log_path = data_dir / "cluster.log"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_auth_token(data_dir))}
+    env = {
+        **os.environ,
+        **head_env(data_dir),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(_auth_token(data_dir)),
+    }
     cmd = [sys.executable, "-m", "orch.cluster", "--state", str(path), "--num-cpus", str(num_cpus),
            "--num-gpus", str(num_gpus)]  # fmt: skip
     with open(log_path, "ab") as log:
@@ -98,17 +104,67 @@ def start_head(data_dir: Path, *, num_cpus: int, num_gpus: int, timeout_s: float
     raise RuntimeError(f"the Ray head did not start within {timeout_s:.0f} s; see {log_path}")
 
 
-def stop_head(state: ClusterState, timeout_s: float = 60) -> None:
-    """SIGTERMs the daemon (it shuts its cluster down) and waits for it to exit."""
+def head_env(data_dir: Path) -> dict[str, str]:
+    """What every process of the head inherits, jobs' entrypoints included: this environment's
+    ``python``/``serve``/``ray`` first on PATH (so `ray job submit -- serve deploy ...` runs in the project's
+    venv, not the system Python) and the data dir (so apps deployed by a job share this stack's ledger)."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    return {
+        "PATH": bin_dir + (os.pathsep + path if path else ""),
+        "VIRTUAL_ENV": str(Path(sys.prefix)),
+        "LLAMA_ORCH_DATA_DIR": str(data_dir.resolve()),
+    }
+
+
+def job_address(state: ClusterState) -> str | None:
+    """Where `ray job submit --address` reaches this head (its dashboard)."""
+    if not state.dashboard_url:
+        return None
+    url = state.dashboard_url
+    return url if "://" in url else f"http://{url}"
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process ``pid`` is ``ancestor`` or one of its descendants (Ray's processes descend from the
+    head daemon: GCS and raylet are its children, workers the raylet's)."""
+    import psutil
+
     try:
-        os.kill(state.pid, signal.SIGTERM)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        return pid == ancestor or any(p.pid == ancestor for p in proc.parents())
+    except psutil.Error:
+        return False
+
+
+def listeners(port: int) -> set[int | None]:
+    """PIDs of the processes listening on TCP ``port`` (None where the OS won't say)."""
+    import psutil
+
+    return {c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr
+            and c.laddr.port == port}  # fmt: skip
+
+
+def stop_head(state: ClusterState, timeout_s: float = 60) -> None:
+    """SIGTERMs the daemon (it shuts its cluster down), waits for it and every process below it (GCS,
+    raylet, workers, engines) to exit, and kills what is left: `down` leaves nothing of the stack running."""
+    import psutil
+
+    try:
+        daemon = psutil.Process(state.pid)
+        below = daemon.children(recursive=True)
+        daemon.terminate()
+        daemon.wait(timeout_s)  # reaps it too when this process started it (a failed `up`)
+    except psutil.NoSuchProcess:
         return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _alive(state.pid):
-        time.sleep(0.2)
-    if _alive(state.pid):
+    except psutil.TimeoutExpired:
         os.killpg(state.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    _, left = psutil.wait_procs(below, timeout=max(5.0, deadline - time.monotonic()))
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=5)
 
 
 def _run_head(state_path: Path, num_cpus: int, num_gpus: int) -> None:

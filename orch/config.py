@@ -228,8 +228,13 @@ def _did_you_mean(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
 
 def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Reads a Serve config file and validates every llama-orch application's ``args``."""
-    with open(path) as f:
-        config = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config error: {path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(config, dict) or not config.get("applications"):
         raise ConfigError(f"config error: {path} has no 'applications'")
     from orch.tapspec import TapSpec

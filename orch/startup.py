@@ -13,14 +13,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 MARK = "the engine failed to start:"
 _ERROR_LINE = re.compile(r"\b((?:[A-Za-z_][\w.]*)?(?:Error|Exception)): (.+)$")
 _WRAPPER = "Engine core initialization failed"
 _HINTS = [
     (re.compile(r"memory|cache blocks|KV cache", re.I),
-     "size the KV cache: engine kv_cache_memory_bytes (e.g. --engine kv_cache_memory_bytes=1073741824 on a CPU) "
-     "or lower gpu_memory_utilization"),
+     "size the KV cache to fit max_model_len and the node's free memory: the engine's kv_cache_memory_bytes "
+     "(e.g. --engine kv_cache_memory_bytes=1073741824 on a CPU), or a lower max_model_len"),
     (re.compile(r"max_model_len|max_position_embeddings|context length", re.I),
      "lower the engine's max_model_len (e.g. --engine max_model_len=2048)"),
     (re.compile(r"head.?size|head_dim", re.I), "this model's head size is not supported by the CPU engine"),
@@ -54,8 +55,8 @@ def root_cause(log_text: str) -> str | None:
 def hint(cause: str) -> str:
     """What to change for a root cause.
 
-    >>> hint("ValueError: No available memory for the cache blocks")[:18]
-    'size the KV cache:'
+    >>> hint("ValueError: No available memory for the cache blocks")[:17]
+    'size the KV cache'
     """
     for pattern, text in _HINTS:
         if pattern.search(cause):
@@ -98,4 +99,16 @@ def start_failure(message: str) -> str | None:
     for line in reversed(message.splitlines()):
         if MARK in line:
             return line[line.index("model ") :].strip() if "model " in line else line.strip()
+    return None
+
+
+def app_start_failure(app: Any) -> str | None:
+    """The first failed engine start in a Serve app's status (``serve.status().applications[name]``), or
+    None. Serve shows the replica's error in its deployment's message after one failed start; it would
+    retry for minutes before the app turns DEPLOY_FAILED."""
+    if app is None:
+        return None
+    for message in [app.message, *(d.message for d in app.deployments.values())]:
+        if cause := start_failure(message or ""):
+            return cause
     return None

@@ -41,3 +41,61 @@ def test_module_entry_point_parses_every_command() -> None:
         done = subprocess.run([sys.executable, "-m", "orch.cli", *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "usage: llama-orch" in done.stdout
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in ("LLAMA_ORCH_ADMIN_KEY", "RAY_ADDRESS")}
+    return subprocess.run(
+        [sys.executable, "-m", "orch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, **(env or {})},
+    )
+
+
+def test_up_with_a_config_that_does_not_exist_fails_in_one_line(tmp_path: Path) -> None:
+    proc = run_cli("--data-dir", str(tmp_path), "up", "--config", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"llama-orch: config error: {tmp_path / 'nope.yaml'}: no such file"]
+    assert not (tmp_path / "cluster.json").exists()
+
+
+def test_up_refuses_a_short_admin_key_from_the_environment_before_starting_anything(tmp_path: Path) -> None:
+    proc = run_cli("--data-dir", str(tmp_path), "up", "--config", str(REPO / "configs" / "local.yaml"),
+                   env={"LLAMA_ORCH_ADMIN_KEY": "hunter2"})  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LLAMA_ORCH_ADMIN_KEY must be at least 32 characters" in lines[0], proc.stderr
+    assert "hunter2" not in proc.stderr
+    assert not (tmp_path / "cluster.json").exists() and not (tmp_path / "models").exists()
+
+
+def test_down_with_nothing_up_says_so_in_one_line(tmp_path: Path) -> None:
+    proc = run_cli("--data-dir", str(tmp_path), "down")
+    assert proc.returncode == 0
+    assert proc.stdout.strip().splitlines() == [f"nothing to stop: no llama-orch stack runs for data dir {tmp_path}"]
+
+
+def test_engine_start_failure_is_found_in_serves_status_message() -> None:
+    from types import SimpleNamespace
+
+    from orch.startup import EngineStartError, app_start_failure, describe
+
+    log = (
+        "(EngineCore pid=1) ERROR 11-27 05:06:56 [core.py:1510] ValueError: No available memory for the cache blocks.\n"
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    )
+    wrapper = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    error = EngineStartError("m", describe(wrapper, log))
+    message = (
+        "A replica failed to start with exception. Retrying 2 more time(s). Error:\nTraceback...\n"
+        f"orch.startup.EngineStartError: {error}"
+    )
+    app = SimpleNamespace(message="Deploying", deployments={"model-m": SimpleNamespace(message=message)})
+    cause = app_start_failure(app)
+    assert cause is not None and cause.startswith("model m: the engine failed to start: ValueError: No available")
+    assert "Fix: size the KV cache" in cause
+    assert app_start_failure(SimpleNamespace(message="", deployments={"g": SimpleNamespace(message="")})) is None
