@@ -25,7 +25,7 @@ from __future__ import annotations
 import calendar
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -210,7 +210,11 @@ class _Grant:
 _OK = Code.OK  # enum attribute lookups cost ~100 ns on 3.11; the hot path pays them per op
 _OPEN, _SETTLED, _RELEASED, _EXPIRED = 0, 1, 2, 3
 _ENDED_CODE = {_SETTLED: Code.HOLD_SETTLED, _RELEASED: Code.HOLD_RELEASED, _EXPIRED: Code.HOLD_EXPIRED}
+_HOUSEKEEPING_EVERY = 1024  # OK ops between two forgetting passes (a counter, so replay repeats them)
 _HEAP_SLACK = 1024  # the expiry heap is compacted when ended entries outnumber open ones by this much
+
+
+_NO_ALLOCATION: tuple[tuple[_Grant, int], ...] = ()
 
 
 class _Hold:
@@ -226,7 +230,8 @@ class _Hold:
         allocation: list[tuple[_Grant, int]],
     ) -> None:
         self.hold_id, self.tenant, self.micro_credits = hold_id, tenant, micro_credits
-        self.created_at, self.expires_at, self.allocation = created_at, expires_at, allocation
+        self.created_at, self.expires_at = created_at, expires_at
+        self.allocation: Sequence[tuple[_Grant, int]] = allocation
         self.state = _OPEN
         self.debited = 0
 
@@ -246,14 +251,15 @@ class Ledger:
     """In-memory state machine over ops. Not thread-safe: one caller serialises ``apply``.
 
     Op ids of holds and of the ops that ended them are remembered for ``idempotency_window`` after the
-    hold ended; every OK op forgets what fell out of the window by its own instant, so memory stays
-    bounded by the traffic of one window, and replay (the same OK ops at the same instants) forgets
-    exactly the same. Tenant and grant op ids are remembered forever: a grant can never apply twice.
+    hold ended; every 1024th OK op forgets what fell out of the window by its own instant, so memory
+    stays bounded by the traffic of one window, and replay (the same OK ops at the same instants)
+    forgets exactly the same. Tenant and grant op ids are remembered forever: a grant can never apply twice.
     Forgetting never charges twice: a Settle or Release of a forgotten hold is HOLD_NOT_FOUND, and a
     Hold retried after its id was forgotten holds again, which times out back into the balance. What
     the window bounds is how late a settle may still charge an expired hold (then HOLD_NOT_FOUND, an
     under-charge) and how long a retry gets EXISTS; the default day covers LedgerClient's 60 s retries
-    and settles retried by a gateway for hours, at about 1 KB per request held for that day.
+    and settles retried by a gateway for hours (orch.metering: 12 h), at about 1.3 KB per request kept
+    for that day: lower it for sustained rates of hundreds of requests a second.
 
     The process that hosts a busy Ledger should raise the GC's young-generation threshold (e.g.
     ``gc.set_threshold(50_000, 20, 100)``) and ``gc.freeze()`` after replay: with CPython's defaults
@@ -273,6 +279,7 @@ class Ledger:
         self._forgettable: deque[tuple[datetime, str]] = deque()  # (ended_at, op_id) in end order
         self._timeouts: dict[int, timedelta] = {}
         self._open = 0  # open holds, to size the expiry heap against
+        self._ok_ops = 0  # OK ops applied (replayed ones included): paces the housekeeping
         self._debited = 0  # Σ settled debits, all time
         self._forgotten_debits = 0  # Σ debits of settled holds no longer in _holds
         self._handlers: dict[type, Callable[..., Result]] = {
@@ -303,9 +310,9 @@ class Ledger:
         result: Result = handler(op, now)
         if result.code is _OK:
             self._done[op.op_id] = (op, result)
-            forgettable = self._forgettable
-            if forgettable and forgettable[0][0] <= now - self.idempotency_window:
-                self._forget(now)
+            self._ok_ops += 1
+            if not self._ok_ops % _HOUSEKEEPING_EVERY:
+                self._housekeeping(now)
         return result
 
     def replay(self, records: Iterable[tuple[Op, Result]]) -> int:
@@ -383,12 +390,7 @@ class Ledger:
         hold = _Hold(op.op_id, tenant, amount, now, expires_at, allocation)
         self._holds[op.op_id] = tenant.open_holds[op.op_id] = hold
         self._open += 1
-        heap = self._expiry_heap
-        heapq.heappush(heap, (expires_at, op.op_id))
-        if len(heap) > 2 * self._open + _HEAP_SLACK:  # settled holds' entries: drop them (pop order is by value)
-            holds = self._holds
-            heap[:] = [e for e in heap if (h := holds.get(e[1])) is not None and h.state == _OPEN]
-            heapq.heapify(heap)
+        heapq.heappush(self._expiry_heap, (expires_at, op.op_id))
         return Result(_OK, op.op_id, now, op.tenant_id, amount, expires_at=expires_at)
 
     def _open_hold(self, op_id: str, hold_id: str, now: datetime) -> _Hold | Result:
@@ -411,7 +413,7 @@ class Ledger:
         assert rest == 0
         hold.state = state
         hold.debited = debit
-        hold.allocation = []  # only an open hold needs it; an ended one is kept for idempotency only
+        hold.allocation = _NO_ALLOCATION  # only an open hold needs it; an ended one is kept for idempotency
         self._open -= 1
         tenant = hold.tenant
         del tenant.open_holds[hold.hold_id]
@@ -435,7 +437,9 @@ class Ledger:
         self._forgettable.append((now, op.op_id))
         if hold.state == _OPEN:
             released = self._end(hold, _SETTLED, amount, now)
-            return Result(_OK, op.op_id, now, tenant_id, amount, released, late=now >= hold.expires_at)
+            if now < hold.expires_at:
+                return Result(_OK, op.op_id, now, tenant_id, amount, released)
+            return Result(_OK, op.op_id, now, tenant_id, amount, released, late=True)
         return Result(_OK, op.op_id, now, tenant_id, self._settle_expired(hold, amount, now), late=True)
 
     def _settle_expired(self, hold: _Hold, amount: int, now: datetime) -> int:
@@ -480,6 +484,16 @@ class Ledger:
         self._forget(now)
         self._forgettable.append((now, op.op_id))
         return Result(_OK, op.op_id, now, released=released, hold_ids=tuple(ended))
+
+    def _housekeeping(self, now: datetime) -> None:
+        """Bounds memory under steady traffic: forgets what fell out of the window, and drops the expiry
+        heap's entries of ended holds once they outnumber the open ones (pop order is by value, so the
+        heap's layout never shows in a result)."""
+        self._forget(now)
+        heap, holds = self._expiry_heap, self._holds
+        if len(heap) > 2 * self._open + _HEAP_SLACK:
+            heap[:] = [e for e in heap if (h := holds.get(e[1])) is not None and h.state == _OPEN]
+            heapq.heapify(heap)
 
     def _forget(self, now: datetime) -> None:
         """Forgets the op ids (and ended holds) that ended ``idempotency_window`` or more before ``now``."""

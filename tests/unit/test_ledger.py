@@ -367,13 +367,15 @@ def test_memory_stays_flat_under_steady_traffic_with_no_hold_ever_expiring() -> 
         assert ledger.apply(Settle(f"s{i}", f"h{i}", 500)).code is Code.OK
         if i % 10_000 == 9_999:
             sizes.append(internal_sizes(ledger))
+    every = 1024  # orch.ledger forgets every 1024 OK ops: what may sit past the window meanwhile
     for size in sizes[1:]:  # after warm-up every map holds about one window of requests, never more
-        assert size["done"] <= 2 * per_window + 2, sizes
-        assert size["holds"] <= per_window + 1, sizes
-        assert size["forgettable"] <= 2 * per_window + 2, sizes
-        assert size["expiry_heap"] <= 1024 + 2, sizes  # compacted: only open holds must stay in it
-    flat = [{k: v for k, v in size.items() if k != "expiry_heap"} for size in sizes]
-    assert flat[-1] == flat[3], sizes  # flat: the same at 40k and at 100k requests
+        assert size["done"] <= 2 * per_window + 2 + every, sizes
+        assert size["holds"] <= per_window + every // 2, sizes
+        assert size["forgettable"] <= 2 * per_window + every, sizes
+        assert size["expiry_heap"] <= 1024 + every // 2, sizes  # compacted: only open holds must stay in it
+    for name in ("done", "holds", "forgettable"):  # flat: from 20k to 100k requests, within one pass
+        seen = [size[name] for size in sizes[1:]]
+        assert max(seen) - min(seen) <= every, sizes
     assert ledger.account("acme").spent == 100_000 * 500
     ledger.check_invariants()
 
@@ -460,8 +462,10 @@ def test_random_ops_never_overspend_and_keep_every_invariant() -> None:
     clock = FakeClock()
     ledger = Ledger(clock=clock, idempotency_window=timedelta(hours=6))
     tenants = ["a", "b", "c"]
+    log: list[tuple[Op, Result]] = []
     for t in tenants:
-        ledger.apply(CreateTenant(f"create-{t}", t, t.upper()))
+        create = CreateTenant(f"create-{t}", t, t.upper())
+        log.append((create, ledger.apply(create)))
     holds: list[str] = []
     codes: dict[Code, int] = {}
     for i in range(3000):
@@ -483,6 +487,8 @@ def test_random_ops_never_overspend_and_keep_every_invariant() -> None:
             continue
         result: Result = ledger.apply(op)  # type: ignore[arg-type]
         codes[result.code] = codes.get(result.code, 0) + 1
+        if result.code is Code.OK:
+            log.append((op, result))  # type: ignore[arg-type]
         if isinstance(op, Hold) and result.code is Code.OK:
             holds.append(op.op_id)
         ledger.check_invariants()
@@ -492,6 +498,12 @@ def test_random_ops_never_overspend_and_keep_every_invariant() -> None:
     # The walk really exercised refusals and every kind of success.
     for code in (Code.OK, Code.INSUFFICIENT_CREDITS, Code.SETTLE_EXCEEDS_HOLD, Code.EXISTS_DIFFERENT):
         assert codes.get(code, 0) > 10, codes
+    assert sum(r.late for _, r in log) > 10  # late settles too, capped or not
+    # Late settles, forgetting and reused op ids all replay to the same state.
+    rebuilt = Ledger(clock=clock, idempotency_window=timedelta(hours=6))
+    assert rebuilt.replay(log) == len(log)
+    assert [rebuilt.account(t) for t in tenants] == [ledger.account(t) for t in tenants]
+    assert internal_sizes(rebuilt) == internal_sizes(ledger)
 
 
 def test_replay_of_the_ok_results_rebuilds_the_same_state() -> None:
