@@ -17,6 +17,7 @@ from typing import Any
 
 from orch.capacity import Capacity, InsufficientGPUs, snapshot
 from orch.files import locked, write_json_atomic
+from orch.startup import app_start_failure
 from orch.tapspec import TapSpec
 
 TAPS_FILE = "taps.json"
@@ -120,6 +121,8 @@ def wait_app(name: str, timeout_s: float, *, gone: bool = False) -> None:
         if app is not None and not gone:
             if app.status == "RUNNING":
                 return
+            if cause := app_start_failure(app):
+                raise RuntimeError(f"tap app '{name}': {cause}")
             if app.status == "DEPLOY_FAILED":
                 lines = [ln.strip() for ln in app.message.strip().splitlines() if ln.strip()]
                 raise RuntimeError(f"tap app '{name}' failed to deploy: {(lines or ['?'])[-1]}")

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.integration
 
 ADMIN_SECRET = "my-own-admin-secret-" + "x" * 20  # 40 characters, not shaped like an sk-orch key
 SMALL_ENGINE = {"max_model_len": 512, "max_num_seqs": 8, "enforce_eager": True, "kv_cache_memory_bytes": 33554432}
+# The tiny Llama needs 1 KiB of KV cache per token: 1 MiB can't hold one sequence of 2,048 tokens.
+TOO_SMALL_KV = {"kv_cache_memory_bytes": 1 << 20, "max_model_len": 2048}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,10 @@ def test_own_admin_secret_failing_engine_then_up_up_down(tmp_path: Path, tiny: P
     data, port = tmp_path / "data", free_port()
     common = ["--data-dir", str(data), "up", "--num-cpus", "8"]
 
-    bad = small_config(tmp_path / "bad.yaml", port, tiny, kv_cache_memory_bytes=1 << 20)  # no room for one sequence
+    bad = small_config(tmp_path / "bad.yaml", port, tiny, **TOO_SMALL_KV)
     failed = cli(*common, "--config", str(bad), env=env, timeout=600)
+    if failed.returncode == 0:
+        cli("--data-dir", str(data), "down", timeout=180)  # don't leave it running for the rest of the session
     assert failed.returncode == 1, failed.stderr[-3000:]
     last = failed.stderr.strip().splitlines()[-1]
     assert re.search(r"the engine failed to start: ValueError: .*memory.*Fix: size the KV cache", last), last
@@ -88,24 +92,27 @@ def test_own_admin_secret_failing_engine_then_up_up_down(tmp_path: Path, tiny: P
                    for p in psutil.process_iter() if p.is_running())  # fmt: skip
 
     good = small_config(tmp_path / "good.yaml", port, tiny)
-    first = cli(*common, "--config", str(good), env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert not (data / "admin_key").exists()  # the secret from the environment is the admin key
-    tenant = cli("--data-dir", str(data), "tenants", "create", "acme", env=env, timeout=120)
-    assert tenant.returncode == 0 and re.fullmatch(r"t-[0-9a-f]{12}", tenant.stdout.strip()), tenant.stderr
-    resp = httpx.get(f"http://127.0.0.1:{port}/admin/tenants", headers={"Authorization": f"Bearer {ADMIN_SECRET}"})
-    assert resp.status_code == 200 and any(t["name"] == "acme" for t in resp.json()["data"])
-    wrong = httpx.get(f"http://127.0.0.1:{port}/admin/tenants", headers={"Authorization": f"Bearer {'y' * 40}"})
-    assert wrong.status_code == 401
+    try:
+        first = cli(*common, "--config", str(good), env=env, timeout=600)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert not (data / "admin_key").exists()  # the secret from the environment is the admin key
+        tenant = cli("--data-dir", str(data), "tenants", "create", "acme", env=env, timeout=120)
+        assert tenant.returncode == 0 and re.fullmatch(r"t-[0-9a-f]{12}", tenant.stdout.strip()), tenant.stderr
+        resp = httpx.get(f"http://127.0.0.1:{port}/admin/tenants", headers={"Authorization": f"Bearer {ADMIN_SECRET}"})
+        assert resp.status_code == 200 and any(t["name"] == "acme" for t in resp.json()["data"])
+        wrong = httpx.get(f"http://127.0.0.1:{port}/admin/tenants", headers={"Authorization": f"Bearer {'y' * 40}"})
+        assert wrong.status_code == 401
 
-    again = cli(*common, "--config", str(good), env=env, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    procs = head_processes(data)
-    assert len(procs) > 3  # the daemon, GCS, raylet, workers
-    down = cli("--data-dir", str(data), "down", env=env, timeout=180)
-    assert down.returncode == 0 and "stopped the Ray head" in down.stdout, down.stdout + down.stderr
-    assert wait_gone(procs) == []
-    assert not (data / "cluster.json").exists()
+        again = cli(*common, "--config", str(good), env=env, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        procs = head_processes(data)
+        assert len(procs) > 3  # the daemon, GCS, raylet, workers
+        down = cli("--data-dir", str(data), "down", env=env, timeout=180)
+        assert down.returncode == 0 and "stopped the Ray head" in down.stdout, down.stdout + down.stderr
+        assert wait_gone(procs) == []
+        assert not (data / "cluster.json").exists()
+    finally:
+        cli("--data-dir", str(data), "down", timeout=180)  # a no-op once the test stopped it
 
 
 def test_up_from_another_data_dir_on_a_served_port_is_refused(stack: Stack, tmp_path: Path) -> None:
@@ -142,7 +149,7 @@ def test_up_without_disk_space_for_the_model_fails_in_one_line(tmp_path: Path) -
 def test_engine_start_failure_of_a_tap_is_reported_at_once(stack: Stack, tiny: Path) -> None:
     client = f"broken-{uuid.uuid4().hex[:4]}"
     args = ["--data-dir", str(stack.data_dir), "tap", "create", client, "--model", str(tiny), "--gpus", "1"]
-    for key, value in (SMALL_ENGINE | {"kv_cache_memory_bytes": 1 << 20}).items():
+    for key, value in (SMALL_ENGINE | TOO_SMALL_KV).items():
         args += ["--engine", f"{key}={json.dumps(value)}"]
     args += ["--engine", "env={VLLM_HOST_IP: 127.0.0.1}"]
     done = cli(*args, timeout=600)
