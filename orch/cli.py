@@ -16,10 +16,13 @@ The admin commands call the running stack's admin API with the admin key
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import urllib.error
@@ -100,6 +103,7 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
             _leave_cluster()
             stop_head(state)
             (root / "up.json").unlink(missing_ok=True)
+            state_file(root).unlink(missing_ok=True)
         raise
     print(f"llama-orch is up: {base}/v1")
     if state is not None and (jobs := job_address(state)):
@@ -319,26 +323,41 @@ def _with_data_dir(config: dict[str, Any], root: Path) -> dict[str, Any]:
 
 def _materialise_sources(config: dict[str, Any], root: Path) -> None:
     """Converts the default model here, with a progress bar, instead of silently inside a replica."""
-    import errno
-    import shutil
-
     from orch.models import DEFAULT_MODEL_NAME, materialise_default_model
 
     for app in config["applications"]:
         for model in (app.get("args") or {}).get("models", []):
             if model.get("source", "default") in ("default", DEFAULT_MODEL_NAME):
                 where = Path(app["args"]["data_dir"])
+                _check_room_for_the_default_model(where)
                 try:
                     materialise_default_model(where)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                except Exception as exc:  # torch/safetensors wrap ENOSPC in errors of their own
+                    if "No space left" not in str(exc) and getattr(exc, "errno", None) != errno.ENOSPC:
                         raise
-                    free = shutil.disk_usage(where).free // 2**20 if where.exists() else 0
-                    raise RuntimeError(
-                        f"cannot convert the default model into {where / 'models'}: {exc.strerror} ({free} MiB free "
-                        "there; it needs about 600 MiB); free some space or pick another --data-dir"
-                    ) from None
+                    raise RuntimeError(_no_room(where, "No space left on device")) from None
                 return
+
+
+DEFAULT_MODEL_ROOM = 600 * 2**20  # the converted folder (~260 MB) plus transformers' fp32 copy on the way
+
+
+def _check_room_for_the_default_model(where: Path) -> None:
+    from orch.models import DEFAULT_MODEL_NAME
+
+    if (where / "models" / DEFAULT_MODEL_NAME / ".complete").is_file():
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(where).free < DEFAULT_MODEL_ROOM:
+        raise RuntimeError(_no_room(where, "not enough disk space"))
+
+
+def _no_room(where: Path, why: str) -> str:
+    free = shutil.disk_usage(where).free // 2**20
+    return (
+        f"cannot convert the default model into {where / 'models'}: {why} ({free} MiB free there; it needs about "
+        f"{DEFAULT_MODEL_ROOM // 2**20} MiB); free some space or pick another --data-dir"
+    )
 
 
 def _connect(address: str | None, state: ClusterState | None) -> None:
@@ -590,6 +609,8 @@ def _change_tap(root: Path, args: argparse.Namespace, record: dict[str, Any]) ->
         if args.action == "create":  # nothing half-made stays behind
             save_taps(root, previous)
             _deploy(desired_config(record["config"], previous))
+            with contextlib.suppress(RuntimeError, TimeoutError):
+                wait_app(name, 120, gone=True)
         raise
     where = f"{record['base_url']}{spec.route_prefix()}/v1" if spec.openai_gateway else "in-cluster handle only"
     print(f"tap {name}: {spec.gpus} GPUs per replica, replicas {spec.min_replicas}..{max_replicas}, {where}")

@@ -176,8 +176,6 @@ def _run_head(state_path: Path, num_cpus: int, num_gpus: int) -> None:
         nonlocal stop
         stop = True
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     ctx = ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -195,6 +193,9 @@ def _run_head(state_path: Path, num_cpus: int, num_gpus: int) -> None:
         auth_token_path=os.environ["RAY_AUTH_TOKEN_PATH"],
         dashboard_url=ctx.dashboard_url or None,
     )
+    # After ray.init, which installs a SIGTERM handler of its own that would skip the cleanup below.
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     tmp = state_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(state)))
     os.replace(tmp, state_path)

