@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
@@ -232,7 +232,7 @@ class LedgerService:
         }
 
     async def usage(self, tenant_id: str | None, since: datetime | None, until: datetime | None,
-                    group_by: str | None) -> UsageReport:  # fmt: skip
+                    group_by: Literal["day", "model"] | None) -> UsageReport:  # fmt: skip
         """The usage report, computed in a worker thread on a DuckDB cursor of its own: a scan of a large
         usage table never holds up the loop that applies and commits holds and settles."""
         async with self._usage_slots:
@@ -244,7 +244,7 @@ class LedgerService:
                     since=since,
                     until=until,
                     group_by=group_by,
-                    con=cursor,  # type: ignore[arg-type]
+                    con=cursor,
                 )
             finally:
                 cursor.close()

@@ -16,9 +16,9 @@ import ray
 from orch.billing import PromptLimits
 from orch.config import ModelConfig
 from orch.engine import Delta, Engine, EngineStats, GenerationRequest, VLLMEngine
-from orch.models import resolve_model_source
+from orch.models import cuda_available, resolve_model_source
 from orch.startup import EngineStartError, describe, own_log_tail
-from orch.tapspec import cuda_available, effective_tensor_parallel
+from orch.tapspec import effective_tensor_parallel
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def _too_large(limit: int) -> PayloadTooLarge:
     logging_config={"enable_access_log": False}, graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S + 10
 )  # fmt: skip
 class Gateway:
-    async def __init__(self, models: dict[str, DeploymentHandle], config: dict[str, Any]) -> None:
+    async def __init__(self, models: dict[str, DeploymentHandle], config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits an async constructor
         tap = TapConfig.model_validate(config)
         root = data_dir(tap.data_dir)
         self._models = models

@@ -27,7 +27,7 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(logging_config={"enable_access_log": False})
 class ModelServer:
-    async def __init__(self, config: dict[str, Any], data_dir: str) -> None:
+    async def __init__(self, config: dict[str, Any], data_dir: str) -> None:  # type: ignore[misc]  # Serve awaits it
         self._actor = ModelActor(ModelConfig.model_validate(config), Path(data_dir))
         await self._actor.start()
 

@@ -41,7 +41,8 @@ import yaml
 
 from benchmarks import procprobe
 from benchmarks.loadgen import LoadSpec, measure, warm_up
-from orch.config import EngineConfig, ModelConfig, load_serve_config
+from orch.config import EngineConfig, ModelConfig
+from orch.serve_config import load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
 BARE, GATEWAY, NO_HOLD = "bare vLLM", "llama-orch gateway", "gateway, no hold"

@@ -11,11 +11,11 @@ from orch.config import (
     GatewayConfig,
     ModelConfig,
     TapConfig,
-    load_serve_config,
 )
 from orch.engine import Delta, Engine, EngineStats, GenerationRequest, VLLMEngine
 from orch.errors import APIError, EngineUnavailable, InsufficientCredits, InvalidRequest, NotFound, RateLimited
 from orch.models import DEFAULT_MODEL_NAME, materialise_default_model, resolve_model_source
+from orch.serve_config import load_serve_config
 
 __all__ = [
     "DEFAULT_MODEL_NAME",

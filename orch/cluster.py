@@ -3,6 +3,8 @@
 The head runs in a daemon process of ours (``python -m orch.cluster``) that holds a
 ``ray.init(address="local")`` driver: SIGTERM to it shuts down exactly that cluster, nothing else
 (never ``ray stop``, which kills every Ray on the machine). Its address lives in a state file.
+Also here, shared by the CLI's commands: connecting a driver, deploying a Serve config, and the
+record of what `up` deployed (``up.json``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +21,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,55 @@ def _run_head(state_path: Path, num_cpus: int, num_gpus: int) -> None:
         time.sleep(0.5)
     state_path.unlink(missing_ok=True)
     ray.shutdown()
+
+
+def connect(address: str | None, state: ClusterState | None) -> None:
+    """Makes this process a driver of the cluster at ``address`` (this data dir's head when ``state`` is it)."""
+    if state is not None and address == state.gcs_address:
+        use_cluster(state)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace="serve", log_to_driver=False, logging_level=logging.WARNING)
+
+
+def deploy(config: dict[str, Any]) -> None:
+    """Deploys a whole Serve config, as `serve deploy` does, without waiting: unchanged apps keep running."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+    )
+    client.deploy_apps(schema, _blocking=False)
+
+
+def record_up(root: Path, config: dict[str, Any]) -> None:
+    """``<data dir>/up.json``: what `up` deployed (apps, base URL, config), for `status`, `tap` and `down`."""
+    from orch.files import write_json_atomic
+
+    record = {"apps": [a["name"] for a in config["applications"]], "base_url": base_url(config), "config": config}
+    write_json_atomic(root / "up.json", record)
+
+
+def read_up(root: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((root / "up.json").read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def base_url(config: dict[str, Any]) -> str:
+    """Where a Serve config's HTTP proxy answers on this machine."""
+    http = config.get("http_options") or {}
+    host = http.get("host", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{http.get('port', 8000)}"
 
 
 if __name__ == "__main__":

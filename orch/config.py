@@ -11,10 +11,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orch.models import default_data_dir
+from orch.models import cuda_available, default_data_dir
 
 
 class StrictModel(BaseModel):
@@ -73,8 +72,6 @@ CPU_KV_CACHE_BYTES = 1 << 30  # a CPU engine's KV cache when the config doesn't 
 
 
 def _cuda_available() -> bool:
-    from orch.tapspec import cuda_available
-
     return cuda_available()
 
 
@@ -224,27 +221,6 @@ def _did_you_mean(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
         fields = inner.model_fields
     close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Reads a Serve config file and validates every llama-orch application's ``args``."""
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config error: {path}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config error: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(config, dict) or not config.get("applications"):
-        raise ConfigError(f"config error: {path} has no 'applications'")
-    from orch.tapspec import TapSpec
-
-    for i, app in enumerate(config["applications"]):
-        import_path = str(app.get("import_path", ""))
-        if import_path.startswith("apps."):
-            model = TapSpec if import_path == "apps.private_tap:build" else TapConfig
-            load_args(model, app.get("args") or {}, where=f"applications[{i}].args")
-    return config
 
 
 def data_dir(configured: str | None = None) -> Path:

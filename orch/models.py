@@ -30,6 +30,7 @@ from typing import Any
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "build_tiny_llama",
+    "cuda_available",
     "default_data_dir",
     "default_engine_dtype",
     "materialise_default_model",
@@ -142,6 +143,15 @@ def default_engine_dtype() -> str:
     import torch
 
     return "auto" if torch.cuda.is_available() else "float32"
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device here; False when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def _is_complete(folder: Path) -> bool:

@@ -17,11 +17,11 @@ from typing import Any
 
 from orch.capacity import Capacity, InsufficientGPUs, snapshot
 from orch.files import locked, write_json_atomic
+from orch.serve_config import PRIVATE_TAP_IMPORT_PATH as PRIVATE_IMPORT_PATH
 from orch.startup import app_start_failure
 from orch.tapspec import TapSpec
 
 TAPS_FILE = "taps.json"
-PRIVATE_IMPORT_PATH = "apps.private_tap:build"
 
 
 def gpus(n: int) -> str:

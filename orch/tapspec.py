@@ -102,12 +102,3 @@ def effective_tensor_parallel(gpus: int, cuda_available: bool) -> tuple[int, str
         "no CUDA on this node: the engine runs on the CPU with tensor_parallel_size=1; "
         f"the group still reserves {gpus} {unit}"
     )
-
-
-def cuda_available() -> bool:
-    """Whether torch sees a CUDA device here; False when torch is not installed."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orch.config import CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, TapConfig, load_args, load_serve_config
+from orch.config import CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, TapConfig, load_args
+from orch.serve_config import load_serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from apps.private_tap import build, tap_config
 from orch.capacity import Capacity, InsufficientGPUs, NodeGPUs
-from orch.config import ConfigError, load_serve_config
+from orch.config import ConfigError
+from orch.serve_config import load_serve_config
 from orch.tapctl import check_capacity, desired_config, load_taps, tap_application
 from orch.tapspec import TapSpec
 

@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from orch.config import ConfigError, EngineConfig, load_args
-from orch.tapspec import TapSpec, cuda_available, effective_tensor_parallel
+from orch.models import cuda_available
+from orch.tapspec import TapSpec, effective_tensor_parallel
 
 
 def spec(**fields: object) -> TapSpec:

@@ -1,0 +1,162 @@
+"""``llama-orch tenants|keys|credits|account|usage``: thin clients of the running stack's admin API.
+
+They call it over HTTP with the admin key (``$LLAMA_ORCH_ADMIN_KEY``, else ``<data dir>/admin_key``);
+:class:`AdminClient` retries only a refused connection, so a request that may have arrived is never
+sent twice (grants and tenants carry idempotency keys, so rerunning a command is safe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("tenants", "keys", "credits", "account", "usage")
+
+
+def admin_key(root: Path) -> str:
+    from orch.keys import load_or_create_admin_key
+
+    return load_or_create_admin_key(root)
+
+
+def admin_key_source(root: Path) -> str:
+    from orch.keys import ADMIN_KEY_ENV, ADMIN_KEY_FILE
+
+    return f"${ADMIN_KEY_ENV}" if os.environ.get(ADMIN_KEY_ENV) else str(root / ADMIN_KEY_FILE)
+
+
+class AdminClient:
+    """The admin API over HTTP (stdlib only). A connection refused is retried; a request that may
+    have arrived is not (grants and tenants carry idempotency keys, so rerunning the command is safe)."""
+
+    def __init__(self, base_url: str, admin_key: str, timeout_s: float = 60) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.admin_key = admin_key
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                query: dict[str, str] | None = None) -> Any:  # fmt: skip
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v})
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"}
+        for attempt in range(5):
+            req = urllib.request.Request(url, data=data, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                try:
+                    message = json.loads(exc.read())["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = exc.reason
+                raise RuntimeError(f"{exc.code}: {message}") from None
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if attempt == 4 or not isinstance(reason, ConnectionRefusedError):
+                    # Retried only when the request surely never arrived: a timeout may have applied it.
+                    raise RuntimeError(f"cannot reach {self.base_url} ({reason}); is the stack up?") from None
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def add_parsers(sub: Any) -> None:
+    tenants = sub.add_parser("tenants", help="create or list tenants").add_subparsers(dest="action", required=True)
+    create = tenants.add_parser("create", help="create a tenant; prints its id")
+    create.add_argument("name")
+    create.add_argument("--idempotency-key", help="a retry with the same key returns the same tenant")
+    tenants.add_parser("list", help="tenants with their balances")
+    keys = sub.add_parser("keys", help="create or revoke API keys").add_subparsers(dest="action", required=True)
+    kc = keys.add_parser("create", help="a new key for a tenant (printed once)")
+    kc.add_argument("tenant_id")
+    kc.add_argument("--tap", help="the tap the key is for (default: the tap serving the call)")
+    kr = keys.add_parser("revoke", help="revoke a key (refused everywhere within 5 s)")
+    kr.add_argument("key_id")
+    credits = sub.add_parser("credits", help="grant prepaid credits").add_subparsers(dest="action", required=True)
+    grant = credits.add_parser("grant", help="add a grant, valid 12 months")
+    grant.add_argument("tenant_id")
+    grant.add_argument("micro_credits", type=int, help="1 credit = 1,000,000 micro-credits")
+    grant.add_argument("--idempotency-key", help="repeat a grant safely: the same key never grants twice")
+    account = sub.add_parser("account", help="a tenant's balance, open holds and grants")
+    account.add_argument("tenant_id")
+    usage = sub.add_parser("usage", help="a tenant's usage: totals and rows")
+    usage.add_argument("tenant_id")
+    usage.add_argument("--since", help="ISO date or time (UTC), inclusive")
+    usage.add_argument("--until", help="ISO date or time (UTC), exclusive")
+    usage.add_argument("--group-by", choices=["day", "model"])
+    for p in (create, kc, kr, grant, account, usage, tenants.choices["list"]):
+        p.add_argument("--url", help="the stack's base URL (default: the one `up` recorded)")
+        p.add_argument("--json", action="store_true", help="print the API's JSON")
+
+
+def run(root: Path, args: argparse.Namespace, recorded_base_url: str | None) -> int:
+    base = args.url or recorded_base_url
+    if base is None:
+        raise RuntimeError(f"no stack recorded in {root}; run `llama-orch up` or pass --url")
+    client = AdminClient(base, admin_key(root))
+    action = getattr(args, "action", None)
+    if args.command == "tenants" and action == "create":
+        key = args.idempotency_key or f"cli-{uuid.uuid4().hex}"
+        out = client.request("POST", "/admin/tenants", {"name": args.name, "idempotency_key": key})
+        text = out["tenant_id"]
+    elif args.command == "tenants":
+        out = client.request("GET", "/admin/tenants")
+        text = "\n".join(f"{t['tenant_id']}  {t['balance_micro_credits']:>15,} µc  {t['name']}" for t in out["data"])
+    elif args.command == "keys" and action == "create":
+        out = client.request("POST", f"/admin/tenants/{args.tenant_id}/keys", {"tap": args.tap} if args.tap else {})
+        text = out["key"]
+        print(f"key {out['key_id']} for tenant {out['tenant_id']} on tap {out['tap']}; it is shown only this once",
+              file=sys.stderr)  # fmt: skip
+    elif args.command == "keys":
+        out = client.request("DELETE", f"/admin/keys/{args.key_id}")
+        text = f"revoked {out['key_id']}"
+    elif args.command == "credits":
+        key = args.idempotency_key or f"cli-{uuid.uuid4().hex}"
+        body = {"micro_credits": args.micro_credits, "idempotency_key": key}
+        out = client.request("POST", f"/admin/tenants/{args.tenant_id}/grants", body)
+        again = " (already applied: nothing changed)" if out["replayed"] else ""
+        text = f"granted {out['micro_credits']:,} µc to {out['tenant_id']}, expires {out['expires_at']}{again}"
+        print(f"idempotency key: {key}", file=sys.stderr)
+    elif args.command == "account":
+        out = client.request("GET", f"/admin/tenants/{args.tenant_id}/account")
+        text = _account_text(out)
+    else:
+        query = {"since": args.since, "until": args.until, "group_by": args.group_by}
+        out = client.request("GET", f"/admin/tenants/{args.tenant_id}/usage", query=query)
+        text = _usage_text(out)
+    print(json.dumps(out, indent=2) if args.json else text)
+    return 0
+
+
+def _account_text(a: dict[str, Any]) -> str:
+    lines = [
+        f"tenant {a['tenant_id']} ({a['name']})",
+        f"balance {a['balance_micro_credits']:,} µc, held {a['held_micro_credits']:,} µc, "
+        f"spent {a['spent_micro_credits']:,} µc",
+    ]
+    for g in a["grants"]:
+        state = "expired" if g["expired"] else f"expires {g['expires_at']}"
+        lines.append(
+            f"  grant {g['grant_id']}: {g['remaining_micro_credits']:,} of {g['micro_credits']:,} µc left, {state}"
+        )
+    return "\n".join(lines)
+
+
+def _usage_text(u: dict[str, Any]) -> str:
+    t = u["totals"]
+    lines = [f"{t['requests']} requests, {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion "
+             f"tokens, {t['cost_micro_credits']:,} µc"]  # fmt: skip
+    for r in u["data"]:
+        head = r.get("key") or f"{r['ts']} {r['model']} {r['status']}"
+        lines.append(f"  {head}: {r['prompt_tokens']} + {r['completion_tokens']} tokens, {r['cost_micro']:,} µc")
+    return "\n".join(lines)
