@@ -136,6 +136,8 @@ class Gateway:
         tap = TapConfig.model_validate(config)
         root = data_dir(tap.data_dir)
         self._models = models
+        # Made once: options() builds a new handle, which costs time on every request (Ray Serve LLM keeps them too).
+        self._streams = {name: handle.options(stream=True) for name, handle in models.items()}
         self._tap = tap.tap
         self._billing = tap.billing
         self._hold_timeout_s = tap.hold_timeout_s
@@ -267,7 +269,7 @@ class Gateway:
         )
         stream: Any = None  # a DeploymentResponseGenerator once remote() returned
         try:
-            stream = handle.options(stream=True).generate.remote(gen)
+            stream = self._streams[req.model].generate.remote(gen)
             first: Delta = await stream.__anext__()
         except BaseException as exc:
             if stream is not None:
