@@ -97,7 +97,8 @@ class SettlingStream(StreamingResponse):
     def __init__(
         self, meter: Meter, stream: Any, settle: Callable[[Meter, str], Any], body: AsyncIterator[bytes]
     ) -> None:
-        super().__init__(body, media_type="text/event-stream")
+        # Headers go out with the first delta: the overhead up to the first token.
+        super().__init__(body, media_type="text/event-stream", headers=overhead_header(meter))
         self._meter, self._stream, self._settle_fn = meter, stream, settle
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -107,6 +108,14 @@ class SettlingStream(StreamingResponse):
             if self._meter.settled is None:
                 self._stream.cancel()
                 self._settle_fn(self._meter, "aborted")
+
+
+OVERHEAD_HEADER = "x-orch-overhead-ms"
+
+
+def overhead_header(meter: Meter) -> dict[str, str]:
+    """Every completion says what the tap cost it: time in the gateway and its hops, outside the engine."""
+    return {OVERHEAD_HEADER: f"{meter.overhead_ms():.1f}"}
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -172,6 +181,7 @@ class Gateway:
             await settler.drain(SHUTDOWN_DRAIN_S)
 
     async def __call__(self, request: Request) -> Response:
+        request.scope["orch.t0"] = time.monotonic()  # the start of this request's x-orch-overhead-ms
         path = request.url.path.removeprefix(request.scope.get("root_path", "")).rstrip("/") or "/"
         try:
             route, args = self._route(request.method, path)
@@ -237,23 +247,27 @@ class Gateway:
     async def _chat(self, request: Request, principal: Principal) -> Response:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await read_body(request))
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return await self._complete(req, principal, new_id("chatcmpl"), chat=True, messages=messages)
+        t0 = request.scope["orch.t0"]
+        return await self._complete(req, principal, new_id("chatcmpl"), t0, chat=True, messages=messages)
 
     async def _completions(self, request: Request, principal: Principal) -> Response:
         req: CompletionRequest = parse_request(CompletionRequest, await read_body(request))
-        return await self._complete(req, principal, new_id("cmpl"), chat=False, prompt=req.prompt)
+        t0 = request.scope["orch.t0"]
+        return await self._complete(req, principal, new_id("cmpl"), t0, chat=False, prompt=req.prompt)
 
     async def _complete(
         self,
         req: ChatCompletionRequest | CompletionRequest,
         principal: Principal,
         request_id: str,
+        t0: float,
         *,
         chat: bool,
         **prompt: Any,
     ) -> Response:
         handle = self._handle(req.model)
         meter = await self._admit(principal, req, request_id, handle, prompt)
+        meter.t0 = t0
         gen = GenerationRequest(
             request_id=request_id,
             max_tokens=req.max_tokens,
@@ -353,7 +367,7 @@ class Gateway:
             meter.request_id, meter.model, "".join(parts), last.finish_reason, last.prompt_tokens,
             last.completion_tokens,
         )  # fmt: skip
-        return JSONResponse(body)
+        return JSONResponse(body, headers=overhead_header(meter))
 
 
 async def _sse(

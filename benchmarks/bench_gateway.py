@@ -346,6 +346,8 @@ COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("errors", ("summary", "errors")),
     ("requests", ("summary", "requests")),
     ("1-stream TTFT p50 ms", ("single_stream", "ttft_ms", "p50")),
+    ("overhead p50 ms", ("summary", "overhead_ms", "p50")),  # the tap's own x-orch-overhead-ms header
+    ("1-stream overhead p50 ms", ("single_stream", "overhead_ms", "p50")),
     ("serving CPU ms/tok", ("serving_cpu_ms_per_token",)),
     ("others' cores", ("others_cores",)),
 )

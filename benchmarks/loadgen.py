@@ -65,6 +65,7 @@ class RequestResult:
     latency_s: float
     completion_tokens: int
     error: str | None = None
+    overhead_ms: float | None = None  # the tap's x-orch-overhead-ms header (bare vLLM sends none)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class LoadReport:
     def summary(self) -> dict[str, Any]:
         ok = [r for r in self.results if r.error is None]
         ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+        overheads = [r.overhead_ms / 1000 for r in ok if r.overhead_ms is not None]
         latencies = [r.latency_s for r in ok]
         tokens = sum(r.completion_tokens for r in self.results)
         errors = [r.error for r in self.results if r.error is not None]
@@ -93,6 +95,7 @@ class LoadReport:
             "throughput_tok_s": round(tokens / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "ttft_ms": _ms_stats(ttfts),
             "latency_ms": _ms_stats(latencies),
+            "overhead_ms": _ms_stats(overheads) if overheads else None,
             "warmup_errors": len(self.warmup_errors),
         }
 
@@ -159,6 +162,8 @@ async def one_request(session: aiohttp.ClientSession, spec: LoadSpec, prompt: st
             if resp.status != 200:
                 text = (await resp.text())[:200]
                 return RequestResult(None, time.perf_counter() - start, 0, f"HTTP {resp.status}: {text}")
+            header = resp.headers.get("x-orch-overhead-ms")
+            overhead = float(header) if header else None
             done = False
             async for raw in resp.content:
                 line = raw.strip()
@@ -180,7 +185,7 @@ async def one_request(session: aiohttp.ClientSession, spec: LoadSpec, prompt: st
                 return RequestResult(ttft, latency, tokens, "stream ended without [DONE]")
             if tokens == 0:
                 return RequestResult(ttft, latency, tokens, "no usage chunk")
-            return RequestResult(ttft, latency, tokens)
+            return RequestResult(ttft, latency, tokens, overhead_ms=overhead)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return RequestResult(ttft, time.perf_counter() - start, tokens, f"{type(exc).__name__}: {exc}"[:200])
 

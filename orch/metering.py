@@ -55,6 +55,19 @@ class Meter:
     def first_token(self) -> None:
         self.ttft_ms = round((time.monotonic() - self.t0) * 1000)
 
+    def overhead_ms(self) -> float:
+        """Time this request spent outside the engine so far: since the gateway took it, less the engine's
+        own time up to its last delta (auth, the hold, the hops to the replica and back). Sent to the
+        client as the ``x-orch-overhead-ms`` header.
+
+        >>> meter = Meter(None, "m", None, "r", None, t0=time.monotonic() - 0.050)  # type: ignore[arg-type]
+        >>> meter.last = Delta("Hi", 3, 1, engine_ms=30.0)
+        >>> 19.0 < meter.overhead_ms() < 40.0
+        True
+        """
+        engine = self.last.engine_ms if self.last is not None else 0.0
+        return max(0.0, (time.monotonic() - self.t0) * 1000 - engine)
+
 
 class Settler:
     """Settles meters and releases abandoned holds in tasks of their own (a client that goes away

@@ -89,6 +89,18 @@ def test_stream_ends_with_done(stack: Stack) -> None:
     assert all(line.startswith("data: ") for line in lines)
 
 
+def test_every_completion_says_its_overhead_outside_the_engine(stack: Stack) -> None:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4, "temperature": 0}
+    for stream in (False, True):
+        t0 = time.monotonic()
+        resp = httpx.post(stack.v1 + "/chat/completions", json={**body, "stream": stream}, headers=stack.headers,
+                          timeout=120)  # fmt: skip
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        assert resp.status_code == 200, resp.text
+        overhead = float(resp.headers["x-orch-overhead-ms"])
+        assert 0.0 <= overhead < elapsed_ms, (stream, overhead, elapsed_ms)
+
+
 def test_completions_stream_and_not(client: openai.OpenAI) -> None:
     reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert reply.object == "text_completion"

@@ -166,3 +166,14 @@ def test_a_late_settle_of_an_expired_hold_is_logged_as_a_warning_not_an_error(
     levels = [r.levelno for r in caplog.records]
     assert logging.WARNING in levels and logging.ERROR not in levels
     assert "7 of 20" in caplog.text
+
+
+def test_overhead_is_the_time_outside_the_engine_and_never_negative() -> None:
+    import time
+
+    meter = Meter(Principal("t", "k", "public"), "m", Price(0, 0), "r", None, t0=time.monotonic() - 0.200)
+    assert 200.0 <= meter.overhead_ms() < 1000.0  # no delta yet: all of it is the tap's
+    meter.last = Delta("Hi", 3, 1, engine_ms=150.0)
+    assert 50.0 <= meter.overhead_ms() < 850.0
+    meter.last = Delta("Hi", 3, 1, engine_ms=10_000.0)  # clocks of two processes: never below zero
+    assert meter.overhead_ms() == 0.0
