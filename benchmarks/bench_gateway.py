@@ -4,10 +4,12 @@
     .venv/bin/python -m benchmarks.bench_gateway --requests-per-client 2 --max-tokens 32   # quicker
 
 Phase 1 starts vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with the
-engine settings of the first model in ``--config``; phases 2 and 3 start llama-orch as users do
+engine settings of the first model in ``--config``; phase 2 Ray Serve LLM's ``build_openai_app`` with the
+same folder and engine arguments (``benchmarks/serve_llm_server.py``); phases 3 and 4 start llama-orch as users do
 (``python -m orch.cli up`` on a copy of the config with a free port and its own data dir, then
 ``down``), once with ``billing: credits`` (the config's: a hold is committed before each request reaches
-the engine) and once with ``billing: contract`` (usage recorded, no hold), both with the demo key.
+the engine) and once with ``billing: contract`` (usage recorded, no hold), both with the demo key; the
+last phase runs bare vLLM again, so the table shows how much the machine drifted during the run.
 Each phase waits for ``/v1/models``, warms up, measures, and records which vLLM threads
 did the work. Prints a table and writes JSON (default ``benchmarks/results/gateway.json``; server
 logs go next to it, under ``logs/``).
@@ -46,6 +48,7 @@ from orch.serve_config import load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
 BARE, GATEWAY, NO_HOLD = "bare vLLM", "llama-orch gateway", "gateway, no hold"
+SERVE_LLM, BARE_LAST = "Ray Serve LLM", "bare vLLM (again, last)"
 BILLING = {GATEWAY: "credits", NO_HOLD: "contract"}  # the same stack, with and without the pre-engine hold
 
 
@@ -179,6 +182,7 @@ def measure_phase(
 
 
 def run_bare(
+    label: str,
     model: ModelConfig,
     model_dir: Path,
     spec_args: dict[str, Any],
@@ -186,23 +190,59 @@ def run_bare(
     log_dir: Path,
     timeout_s: float,
 ) -> dict[str, Any]:
+    """vLLM's own OpenAI server (``label``: first, or again last to show the drift of the run)."""
     port = free_port()
     cmd = bare_vllm_command(model_dir, model.name, port, model.engine, model.stream_interval)
     env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1", **model.engine.env}
-    log_path = log_dir / "bare-vllm.log"
+    log_name = "bare-vllm-last.log" if label == BARE_LAST else "bare-vllm.log"
+    return run_server(label, cmd, env, port, model, spec_args, single_requests, log_dir / log_name, timeout_s)
+
+
+def run_serve_llm(
+    model: ModelConfig,
+    model_dir: Path,
+    spec_args: dict[str, Any],
+    single_requests: int,
+    log_dir: Path,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Ray Serve LLM's ``build_openai_app`` on a head of its own, same folder and engine arguments."""
+    port = free_port()
+    engine_env = {"VLLM_HOST_IP": "127.0.0.1", **model.engine.env}
+    engine = json.dumps(model.engine.engine_kwargs())
+    cmd = [sys.executable, "-m", "benchmarks.serve_llm_server", "--model-dir", str(model_dir), "--name", model.name,
+           "--port", str(port), "--engine", engine, "--env", json.dumps(engine_env)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return run_server(
+        SERVE_LLM, cmd, env, port, model, spec_args, single_requests, log_dir / "serve-llm.log", timeout_s
+    )
+
+
+def run_server(
+    label: str,
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    model: ModelConfig,
+    spec_args: dict[str, Any],
+    single_requests: int,
+    log_path: Path,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Starts one server in its own process group, measures it, stops the group."""
     base_url = f"http://127.0.0.1:{port}/v1"
-    print(f"[{BARE}] starting: {' '.join(cmd[1:])}", flush=True)
+    print(f"[{label}] starting: {' '.join(cmd[1:])}", flush=True)
     with open(log_path, "wb") as log:
         proc = spawn(cmd, log, env)
     result: dict[str, Any] = {"command": cmd, "log": str(log_path)}
     try:
         result["startup_s"] = round(wait_ready(base_url, timeout_s, alive=lambda: proc.poll() is None), 1)
         spec = LoadSpec(base_url=base_url, model=model.name, **spec_args)
-        result.update(measure_phase(BARE, base_url, proc.pid, spec, [log_path], single_requests))
+        result.update(measure_phase(label, base_url, proc.pid, spec, [log_path], single_requests))
     except (RuntimeError, TimeoutError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        stop_group(proc.pid)
+        stop_group(proc.pid, timeout_s=60)
         proc.wait(timeout=10)
     return result
 
@@ -388,7 +428,15 @@ def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50"),
         "hold_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=no_hold),
         "hold_added_ttft_p50_ms": diff("summary", "ttft_ms", "p50", base=no_hold),
+        "throughput_ratio_vs_serve_llm": _ratio(gw, phases.get(SERVE_LLM, {})),
+        "serve_llm_throughput_ratio": _ratio(phases.get(SERVE_LLM, {}), bare),
+        "bare_drift_ratio": _ratio(phases.get(BARE_LAST, {}), bare),  # the same server, last vs first
     }
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    x, y = _value(a, "summary", "throughput_tok_s"), _value(b, "summary", "throughput_tok_s")
+    return round(float(x) / float(y), 3) if x is not None and y else None
 
 
 def thread_lines(phases: dict[str, dict[str, Any]]) -> list[str]:
@@ -419,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         help="engine dtype for both servers: 'cpu-default' (the config's, but 'auto' becomes what "
         "orch.models.default_engine_dtype() picks: float32 on CPUs without AVX512-BF16), 'config', or a dtype",
     )
-    parser.add_argument("--only", choices=("bare", "gateway", "no-hold"), help="run one phase (for debugging)")
+    parser.add_argument("--only", choices=("bare", "serve-llm", "gateway", "no-hold"), help="run one phase (debugging)")
     args = parser.parse_args(argv)
 
     from orch.models import materialise_default_model
@@ -437,13 +485,16 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
     phases: dict[str, dict[str, Any]] = {}
+    common = (spec_args, args.single_requests, log_dir, args.startup_timeout)
     if args.only in (None, "bare"):
-        phases[BARE] = run_bare(model, model_dir, spec_args, args.single_requests, log_dir, args.startup_timeout)
+        phases[BARE] = run_bare(BARE, model, model_dir, *common)
+    if args.only in (None, "serve-llm"):
+        phases[SERVE_LLM] = run_serve_llm(model, model_dir, *common)
     for label, only in ((NO_HOLD, "no-hold"), (GATEWAY, "gateway")):
         if args.only in (None, only):
-            phases[label] = run_gateway(
-                label, model, model_dir, args.config, spec_args, args.single_requests, log_dir, args.startup_timeout
-            )
+            phases[label] = run_gateway(label, model, model_dir, args.config, *common)
+    if args.only is None:
+        phases[BARE_LAST] = run_bare(BARE_LAST, model, model_dir, *common)
 
     ratio = comparison(phases)
     print()
@@ -453,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         f"added latency p50: {ratio['added_latency_p50_ms']} ms   "
         f"added 1-stream TTFT p50: {ratio['added_single_stream_ttft_p50_ms']} ms   "
         f"of which the hold (credits vs no hold): {ratio['hold_added_single_stream_ttft_p50_ms']} ms"
+    )
+    print(
+        f"gateway/Ray Serve LLM: {ratio['throughput_ratio_vs_serve_llm']}   Ray Serve LLM/bare: "
+        f"{ratio['serve_llm_throughput_ratio']}   bare last/first (drift): {ratio['bare_drift_ratio']}"
     )
     for line in thread_lines(phases):
         print(line)
