@@ -92,7 +92,8 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
     state = read_state(root)
     address = os.environ.get("RAY_ADDRESS") or None
     base = base_url(config)
-    _check_port(config, None if address else state, root)
+    if address is None:  # on a cluster of the user's (RAY_ADDRESS), its own Serve proxy may hold the port already
+        _check_port(config, state, root)
     _materialise_sources(config, root)
     started = False
     if address is None and state is None:
@@ -109,7 +110,8 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
         _say(f"deploying {config_path} (first start loads the engine; ~1 min on a laptop CPU) ...")
         _wait_running(config, timeout_s)
         _wait_http(base + "/health", timeout_s)
-        _check_port(config, None if os.environ.get("RAY_ADDRESS") else state, root)  # the answer was ours
+        if not os.environ.get("RAY_ADDRESS"):
+            _check_port(config, state, root)  # the answer came from this stack
     except BaseException:
         if started and state is not None:  # nothing half-started stays behind
             _leave_cluster()

@@ -99,3 +99,23 @@ def test_engine_start_failure_is_found_in_serves_status_message() -> None:
     assert cause is not None and cause.startswith("model m: the engine failed to start: ValueError: No available")
     assert "Fix: size the KV cache" in cause
     assert app_start_failure(SimpleNamespace(message="", deployments={"g": SimpleNamespace(message="")})) is None
+
+
+def test_a_port_is_refused_unless_this_stacks_own_head_serves_it(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    import pytest
+
+    from orch.cli import _check_port
+    from orch.cluster import ClusterState
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        config = {"http_options": {"port": listener.getsockname()[1]}}
+        with pytest.raises(RuntimeError, match=rf"already served by pid {os.getpid()}, not by this stack"):
+            _check_port(config, None, tmp_path)  # no head of ours: whoever listens is someone else
+        ours = ClusterState(gcs_address="127.0.0.1:1", pid=os.getpid(), num_cpus=8, num_gpus=0, auth_token_path="")
+        _check_port(config, ours, tmp_path)  # the listener descends from our head daemon (here: is it)
+    _check_port(config, None, tmp_path)  # nobody listens any more
