@@ -42,6 +42,7 @@ from orch.cluster import (
     start_head,
     state_file,
     stop_head,
+    up_file,
 )
 from orch.config import ConfigError, data_dir
 from orch.serve_config import load_serve_config
@@ -116,7 +117,7 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
         if started and state is not None:  # nothing half-started stays behind
             _leave_cluster()
             stop_head(state)
-            (root / "up.json").unlink(missing_ok=True)
+            up_file(root).unlink(missing_ok=True)
             state_file(root).unlink(missing_ok=True)
         raise
     print(f"llama-orch is up: {base}/v1")
@@ -217,9 +218,9 @@ DEFAULT_MODEL_ROOM = 600 * 2**20  # the converted folder (~260 MB) plus transfor
 
 
 def _check_room_for_the_default_model(where: Path) -> None:
-    from orch.models import DEFAULT_MODEL_NAME
+    from orch.models import default_model_ready
 
-    if (where / "models" / DEFAULT_MODEL_NAME / ".complete").is_file():
+    if default_model_ready(where):
         return
     where.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(where).free < DEFAULT_MODEL_ROOM:
@@ -320,7 +321,7 @@ def cmd_down(root: Path) -> int:
         print(f"deleted apps {record['apps']}; the Ray cluster was not started by up and keeps running")
     else:
         print(f"nothing to stop: no llama-orch stack runs for data dir {root}")
-    (root / "up.json").unlink(missing_ok=True)
+    up_file(root).unlink(missing_ok=True)
     state_file(root).unlink(missing_ok=True)
     return 0
 

@@ -234,17 +234,21 @@ def deploy(config: dict[str, Any]) -> None:
     client.deploy_apps(schema, _blocking=False)
 
 
+def up_file(root: Path) -> Path:
+    return root / "up.json"
+
+
 def record_up(root: Path, config: dict[str, Any]) -> None:
     """``<data dir>/up.json``: what `up` deployed (apps, base URL, config), for `status`, `tap` and `down`."""
     from orch.files import write_json_atomic
 
     record = {"apps": [a["name"] for a in config["applications"]], "base_url": base_url(config), "config": config}
-    write_json_atomic(root / "up.json", record)
+    write_json_atomic(up_file(root), record)
 
 
 def read_up(root: Path) -> dict[str, Any] | None:
     try:
-        data: dict[str, Any] = json.loads((root / "up.json").read_text())
+        data: dict[str, Any] = json.loads(up_file(root).read_text())
         return data
     except (OSError, ValueError):
         return None

@@ -33,6 +33,7 @@ __all__ = [
     "cuda_available",
     "default_data_dir",
     "default_engine_dtype",
+    "default_model_ready",
     "materialise_default_model",
     "resolve_model_source",
 ]
@@ -86,6 +87,11 @@ def materialise_default_model(data_dir: Path | None = None, *, progress: bool = 
     models_dir = (data_dir or default_data_dir()) / "models"
     target = models_dir / DEFAULT_MODEL_NAME
     return _build_once(target, models_dir / ".lock", lambda tmp: _convert_gguf(tmp, progress=progress))
+
+
+def default_model_ready(data_dir: Path | None = None) -> bool:
+    """Whether the default model's folder is already converted (a `stat`: no torch, no conversion)."""
+    return _is_complete((data_dir or default_data_dir()) / "models" / DEFAULT_MODEL_NAME)
 
 
 def resolve_model_source(source: str, data_dir: Path | None = None) -> str:
