@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -181,31 +181,26 @@ def measure_phase(
     }
 
 
-def run_bare(
-    label: str,
-    model: ModelConfig,
-    model_dir: Path,
-    spec_args: dict[str, Any],
-    single_requests: int,
-    log_dir: Path,
-    timeout_s: float,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Run:
+    """What every phase of one run shares: the load, the 1-stream probe, where logs go, the start limit."""
+
+    spec_args: dict[str, Any]
+    single_requests: int
+    log_dir: Path
+    timeout_s: float
+
+
+def run_bare(label: str, model: ModelConfig, model_dir: Path, run: Run) -> dict[str, Any]:
     """vLLM's own OpenAI server (``label``: first, or again last to show the drift of the run)."""
     port = free_port()
     cmd = bare_vllm_command(model_dir, model.name, port, model.engine, model.stream_interval)
     env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1", **model.engine.env}
     log_name = "bare-vllm-last.log" if label == BARE_LAST else "bare-vllm.log"
-    return run_server(label, cmd, env, port, model, spec_args, single_requests, log_dir / log_name, timeout_s)
+    return run_server(label, cmd, env, port, model, run, log_name)
 
 
-def run_serve_llm(
-    model: ModelConfig,
-    model_dir: Path,
-    spec_args: dict[str, Any],
-    single_requests: int,
-    log_dir: Path,
-    timeout_s: float,
-) -> dict[str, Any]:
+def run_serve_llm(model: ModelConfig, model_dir: Path, run: Run) -> dict[str, Any]:
     """Ray Serve LLM's ``build_openai_app`` on a head of its own, same folder and engine arguments."""
     port = free_port()
     engine_env = {"VLLM_HOST_IP": "127.0.0.1", **model.engine.env}
@@ -213,32 +208,23 @@ def run_serve_llm(
     cmd = [sys.executable, "-m", "benchmarks.serve_llm_server", "--model-dir", str(model_dir), "--name", model.name,
            "--port", str(port), "--engine", engine, "--env", json.dumps(engine_env)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return run_server(
-        SERVE_LLM, cmd, env, port, model, spec_args, single_requests, log_dir / "serve-llm.log", timeout_s
-    )
+    return run_server(SERVE_LLM, cmd, env, port, model, run, "serve-llm.log")
 
 
 def run_server(
-    label: str,
-    cmd: list[str],
-    env: dict[str, str],
-    port: int,
-    model: ModelConfig,
-    spec_args: dict[str, Any],
-    single_requests: int,
-    log_path: Path,
-    timeout_s: float,
+    label: str, cmd: list[str], env: dict[str, str], port: int, model: ModelConfig, run: Run, log_name: str
 ) -> dict[str, Any]:
     """Starts one server in its own process group, measures it, stops the group."""
+    log_path = run.log_dir / log_name
     base_url = f"http://127.0.0.1:{port}/v1"
     print(f"[{label}] starting: {' '.join(cmd[1:])}", flush=True)
     with open(log_path, "wb") as log:
         proc = spawn(cmd, log, env)
     result: dict[str, Any] = {"command": cmd, "log": str(log_path)}
     try:
-        result["startup_s"] = round(wait_ready(base_url, timeout_s, alive=lambda: proc.poll() is None), 1)
-        spec = LoadSpec(base_url=base_url, model=model.name, **spec_args)
-        result.update(measure_phase(label, base_url, proc.pid, spec, [log_path], single_requests))
+        result["startup_s"] = round(wait_ready(base_url, run.timeout_s, alive=lambda: proc.poll() is None), 1)
+        spec = LoadSpec(base_url=base_url, model=model.name, **run.spec_args)
+        result.update(measure_phase(label, base_url, proc.pid, spec, [log_path], run.single_requests))
     except (RuntimeError, TimeoutError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -283,20 +269,11 @@ def orch_cli(data_dir: Path, *args: str, log_path: Path, timeout_s: float) -> in
             return -1
 
 
-def run_gateway(
-    label: str,
-    model: ModelConfig,
-    model_dir: Path,
-    config_path: Path,
-    spec_args: dict[str, Any],
-    single_requests: int,
-    log_dir: Path,
-    timeout_s: float,
-) -> dict[str, Any]:
+def run_gateway(label: str, model: ModelConfig, model_dir: Path, config_path: Path, run: Run) -> dict[str, Any]:
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     config = gateway_config(config_path, port, model, model_dir, data_dir / "config.yaml", BILLING[label])
-    log_path = log_dir / f"gateway-cli-{BILLING[label]}.log"
+    log_path = run.log_dir / f"gateway-cli-{BILLING[label]}.log"
     log_path.unlink(missing_ok=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     result: dict[str, Any] = {"data_dir": str(data_dir), "config": config.read_text(), "log": str(log_path)}
@@ -310,9 +287,9 @@ def run_gateway(
             "--config",
             str(config),
             "--timeout",
-            str(timeout_s),
+            str(run.timeout_s),
             log_path=log_path,
-            timeout_s=timeout_s + 60,
+            timeout_s=run.timeout_s + 60,
         )
         with contextlib.suppress(OSError, ValueError, KeyError):
             head_pid = int(json.loads((data_dir / "cluster.json").read_text())["pid"])
@@ -323,9 +300,9 @@ def run_gateway(
         key = (data_dir / "demo_key").read_text().strip()
         wait_ready(base_url, 30, api_key=key)
         result["startup_s"] = round(time.monotonic() - start, 1)
-        spec = LoadSpec(base_url=base_url, model=model.name, api_key=key, **spec_args)
+        spec = LoadSpec(base_url=base_url, model=model.name, api_key=key, **run.spec_args)
         logs = procprobe.session_log_files(head_pid)
-        result.update(measure_phase(label, base_url, head_pid, spec, logs, single_requests))
+        result.update(measure_phase(label, base_url, head_pid, spec, logs, run.single_requests))
     except (RuntimeError, TimeoutError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -485,16 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
     phases: dict[str, dict[str, Any]] = {}
-    common = (spec_args, args.single_requests, log_dir, args.startup_timeout)
+    run = Run(spec_args, args.single_requests, log_dir, args.startup_timeout)
     if args.only in (None, "bare"):
-        phases[BARE] = run_bare(BARE, model, model_dir, *common)
+        phases[BARE] = run_bare(BARE, model, model_dir, run)
     if args.only in (None, "serve-llm"):
-        phases[SERVE_LLM] = run_serve_llm(model, model_dir, *common)
+        phases[SERVE_LLM] = run_serve_llm(model, model_dir, run)
     for label, only in ((NO_HOLD, "no-hold"), (GATEWAY, "gateway")):
         if args.only in (None, only):
-            phases[label] = run_gateway(label, model, model_dir, args.config, *common)
+            phases[label] = run_gateway(label, model, model_dir, args.config, run)
     if args.only is None:
-        phases[BARE_LAST] = run_bare(BARE_LAST, model, model_dir, *common)
+        phases[BARE_LAST] = run_bare(BARE_LAST, model, model_dir, run)
 
     ratio = comparison(phases)
     print()
