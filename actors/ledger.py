@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
+from orch.lease import Renewal, Renewed, apply_renewal
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
 from orch.store import ApiKeyRecord, Batch, Store, UsageReport, UsageRow
 
@@ -77,7 +78,7 @@ class LedgerService:
         # Per the ledger benchmark: default GC thresholds halve throughput on long-lived records.
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
-        self._pending: list[tuple[Op | None, Result, UsageRow | None, asyncio.Future[Result]]] = []
+        self._pending: list[tuple[Op | None, Result, tuple[UsageRow, ...], asyncio.Future[Result]]] = []
         self._flusher: asyncio.Task[None] | None = None
         log.info("ledger %s: replayed %d ops", db_path, replayed)
 
@@ -98,21 +99,29 @@ class LedgerService:
         result = self._ledger.apply(op)
         if usage is not None and result.late and result.code is Code.OK:
             usage = usage._replace(cost_micro=result.micro_credits)
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, result, usage, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return await self._commit(op, result, () if usage is None else (usage,))
+
+    async def renew(self, renewal: Renewal) -> Renewed:
+        """A lease renewal (orch.lease): its Settle, usage rows and next Hold in one transaction."""
+        self.check_usable()
+        renewed, done = apply_renewal(self._ledger, renewal)
+        await asyncio.gather(*(self._commit(op, result, rows) for op, result, rows in done))
+        if not done:  # a retry: its first results may still be on their way to the file
+            await self._commit(None, Result(Code.EXISTS, "", self._clock()), ())
+        return renewed
 
     async def record(self, usage: UsageRow) -> Result:
         """Writes a usage row without money (contract billing); acknowledged once durable."""
         self.check_usable()
+        return await self._commit(None, Result(Code.OK, usage.request_id, self._clock(), usage.tenant_id), (usage,))
+
+    def _commit(self, op: Op | None, result: Result, usage: tuple[UsageRow, ...]) -> asyncio.Future[Result]:
+        """Queues what ``op`` changed for the next group commit; the future is its result, once durable."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        result = Result(Code.OK, usage.request_id, self._clock(), usage.tenant_id)
-        self._pending.append((None, result, usage, future))
+        self._pending.append((op, result, usage, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return future
 
     async def _flush(self) -> None:
         while self._pending:
@@ -120,7 +129,7 @@ class LedgerService:
             items, self._pending = self._pending, []
             batch = Batch(
                 ops=[(op, r) for op, r, _, _ in items if op is not None and r.code is Code.OK],
-                usage=[u for _, r, u, _ in items if u is not None and r.code is Code.OK],
+                usage=[u for _, r, rows, _ in items if r.code is Code.OK for u in rows],
             )
             try:
                 self._store.commit(batch)
@@ -261,7 +270,7 @@ class LedgerService:
         self._store.close()
 
 
-def _fail(items: list[tuple[Op | None, Result, UsageRow | None, asyncio.Future[Result]]], why: str) -> None:
+def _fail(items: list[tuple[Op | None, Result, tuple[UsageRow, ...], asyncio.Future[Result]]], why: str) -> None:
     for *_, future in items:
         if not future.done():
             future.set_exception(LedgerUnavailable(why))
@@ -382,6 +391,10 @@ class LedgerClient:
     async def apply(self, tenant_id: str, op: Op, usage: UsageRow | None = None) -> Result:
         result: Result = await self.tenant_call(tenant_id, "apply", op, usage)
         return result
+
+    async def renew(self, tenant_id: str, renewal: Renewal) -> Renewed:
+        renewed: Renewed = await self.tenant_call(tenant_id, "renew", renewal)
+        return renewed
 
     async def get_key(self, key_id: str) -> ApiKeyRecord | None:
         if len(self._handles) == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -27,6 +28,8 @@ from orch.store import UsageReport, UsageRow
 Handler = Callable[..., Awaitable[Response]]
 BodyReader = Callable[[Request], Awaitable[bytes]]
 
+log = logging.getLogger("ray.serve")
+
 TENANT_ID, KEY_ID, TAP = r"(t-[0-9a-f]{12})", r"([a-z2-7]{16})", r"([a-z0-9][a-z0-9-]{0,63})"
 
 
@@ -34,8 +37,16 @@ class AccountAPI:
     """Handlers of the account and admin routes of the tap ``tap``; ``read_body`` reads a request body
     within the gateway's size limit."""
 
-    def __init__(self, ledger: LedgerClient, keys: KeyCache, tap: str, read_body: BodyReader) -> None:
+    def __init__(
+        self,
+        ledger: LedgerClient,
+        keys: KeyCache,
+        tap: str,
+        read_body: BodyReader,
+        flush: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._ledger = ledger
+        self._flush = flush  # settles what a tenant's lease has waiting on this replica, before a read
         self._keys = keys
         self._tap = tap
         self._read_body = read_body
@@ -56,7 +67,15 @@ class AccountAPI:
             ("GET", re.compile(rf"/admin/tenants/{TENANT_ID}/usage"), self.admin_usage, admin),
         ]
 
+    async def _settled(self, tenant_id: str) -> None:
+        if self._flush is not None:
+            try:
+                await self._flush(tenant_id)
+            except Exception as exc:  # noqa: BLE001  # the read goes on; the batch is retried by its lease
+                log.warning("flushing the lease of %s before a read failed: %s", tenant_id, type(exc).__name__)
+
     async def _account_of(self, tenant_id: str) -> dict[str, Any]:
+        await self._settled(tenant_id)
         account: dict[str, Any] | None = await self._ledger.tenant_call(tenant_id, "account", tenant_id)
         if account is None:
             raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
@@ -64,6 +83,7 @@ class AccountAPI:
 
     async def _usage_of(self, request: Request, tenant_id: str) -> Response:
         since, until, group_by = parse_usage_query(dict(request.query_params))
+        await self._settled(tenant_id)
         report: UsageReport = await self._ledger.tenant_call(tenant_id, "usage", tenant_id, since, until, group_by)
         return JSONResponse(usage_json(report, tenant_id, since, until))
 

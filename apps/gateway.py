@@ -5,10 +5,12 @@ OpenAI routes (Bearer key of this tap): ``GET /v1/models``, ``GET /v1/models/{id
 ``apps/admin_api.py``. ``GET /health`` is open. Bodies over :data:`MAX_BODY_BYTES` are refused (413)
 before they are read whole.
 
-A completion is admitted by a hold of its worst-case cost, committed in the tenant's ledger before
-the request reaches an engine (402 when the balance can't cover it); it streams from the model
+A completion is admitted against its worst-case cost: on the replica's credit lease for the tenant
+(``orch.lease``: no ledger round trip), else by a hold of its own committed in the tenant's ledger
+before the request reaches an engine (402 when the balance can't cover it); it streams from the model
 deployment through a streaming ``DeploymentHandle``; and it is settled with the engine's exact token
-counts when it finishes, fails or the client goes away, the usage row in the settle's transaction.
+counts when it finishes, fails or the client goes away, the usage row in the settle's transaction (a
+lease's batch, or the request's own settle).
 The gateway waits for the first delta before answering, so a bad request or a failed engine still
 gets its own status instead of a broken 200 stream.
 """
@@ -45,6 +47,7 @@ from orch.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from orch.lease import Leases, LeaseSettings
 from orch.ledger import Code, Hold, Price, Result
 from orch.metering import Meter, Settler
 from orch.protocol import (
@@ -161,7 +164,10 @@ class Gateway:
             self._ledger.call(0, "admin_key"),
         )
         self._keys = KeyCache(self._ledger.get_key, admin_key)
-        self._settler = Settler(self._ledger, self._tap)
+        self._leases = None
+        if tap.billing == "credits" and tap.credit_leases:
+            self._leases = Leases(self._ledger, self._tap, LeaseSettings(ttl_s=tap.lease_ttl_s))
+        self._settler = Settler(self._ledger, self._tap, leases=self._leases)
         self._settle = self._settler.settle
         tenant = "tenant"
         self._routes = [
@@ -170,15 +176,22 @@ class Gateway:
             Route("GET", re.compile(r"/v1/models"), self._list_models, tenant),
             Route("GET", re.compile(r"/v1/models/(.+)"), self._get_model, tenant),
             Route("GET", re.compile(r"/health"), self._health, "open"),
-            *(Route(*route) for route in AccountAPI(self._ledger, self._keys, self._tap, read_body).routes()),
+            *(Route(*r) for r in AccountAPI(self._ledger, self._keys, self._tap, read_body, self._flush).routes()),
         ]
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops, after in-flight requests finished: settles still
-        pending (a slow or restarting ledger) get :data:`SHUTDOWN_DRAIN_S` to commit."""
+        pending (a slow or restarting ledger) and the leases' last batches get :data:`SHUTDOWN_DRAIN_S`
+        to commit; the leases are returned to the balances."""
         settler = getattr(self, "_settler", None)  # None: __init__ never finished
         if settler is not None:
-            await settler.drain(SHUTDOWN_DRAIN_S)
+            leases = self._leases.close(SHUTDOWN_DRAIN_S) if self._leases is not None else asyncio.sleep(0)
+            await asyncio.gather(leases, settler.drain(SHUTDOWN_DRAIN_S))
+
+    async def _flush(self, tenant_id: str) -> None:
+        """Before an account read: the tenant's lease batch waiting on this replica goes to the ledger."""
+        if self._leases is not None:
+            await self._leases.flush(tenant_id)
 
     async def __call__(self, request: Request) -> Response:
         request.scope["orch.t0"] = time.monotonic()  # the start of this request's x-orch-overhead-ms
@@ -325,8 +338,14 @@ class Gateway:
         if self._billing != "credits":
             return Meter(principal, req.model, price, request_id, None)
         amount = hold_amount(price, limits, bound, req.max_tokens)
-        hold_id = "hold-" + request_id
         tenant = principal.tenant_id
+        lease_free = 0
+        if self._leases is not None:
+            lease = await self._leases.admit(tenant, amount)  # no await unless the lease must grow first
+            if lease is not None:
+                return Meter(principal, req.model, price, request_id, None, amount, lease=lease)
+            lease_free = self._leases.free(tenant)
+        hold_id = "hold-" + request_id
         pending = asyncio.ensure_future(self._ledger.apply(tenant, Hold(hold_id, tenant, amount, self._hold_timeout_s)))
         try:
             result: Result = await asyncio.shield(pending)
@@ -337,7 +356,8 @@ class Gateway:
             limit = f"max_tokens {req.max_tokens}" if req.max_tokens else "no max_tokens (the rest of the context)"
             raise InsufficientCredits(
                 f"Insufficient credits: this request may cost up to {amount} micro-credits (a prompt of at most "
-                f"{bound} tokens and {limit}); the balance is {result.available}. Add credits, or lower max_tokens.",
+                f"{bound} tokens and {limit}); {result.available + lease_free} micro-credits are free. Add credits, "
+                "or lower max_tokens.",
                 code="insufficient_credits",
             )
         if not result.ok:

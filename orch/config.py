@@ -174,6 +174,14 @@ class TapConfig(StrictModel):
         le=7 * 86_400,
         description="A hold not settled by then is released (a request longer than this is free).",
     )
+    credit_leases: bool = Field(
+        True,
+        description="credits billing: admit requests against a per-replica lease of the tenant's credit and settle "
+        "in batches (no ledger round trip per request); false: one hold and one settle per request.",
+    )
+    lease_ttl_s: int = Field(
+        30, ge=10, le=3600, description="A lease's hold times out after this unless renewed (a dead replica's lease)."
+    )
     ledger_shards: int = Field(1, ge=1, le=64, description="Tenant ledger shards (actors and DuckDB files).")
     data_dir: str | None = Field(
         None, description="Where weights and state live; default $LLAMA_ORCH_DATA_DIR or ./.orch."

@@ -315,6 +315,11 @@ class Ledger:
                 self._housekeeping(now)
         return result
 
+    def result_of(self, op_id: str) -> Result | None:
+        """The first result of an op applied before (code EXISTS), None if none is remembered."""
+        prior = self._done.get(op_id)
+        return None if prior is None else prior[1]._replace(code=Code.EXISTS)
+
     def replay(self, records: Iterable[tuple[Op, Result]]) -> int:
         """Re-applies persisted (op, OK result) pairs at their recorded instants; returns the count.
         Raises if any op now gives another result: the log and these rules disagree."""

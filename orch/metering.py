@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from orch.billing import Principal
 from orch.engine import Delta
+from orch.lease import Lease, Leases
 from orch.ledger import Op, Price, Release, Result, Settle, cost
 from orch.store import UsageRow
 
@@ -44,13 +45,14 @@ class Meter:
     model: str
     price: Price
     request_id: str
-    hold_id: str | None  # None: contract billing, nothing held
-    held: int = 0  # micro-credits the hold reserved
+    hold_id: str | None  # a hold of its own; None: on a lease, or contract billing (nothing held)
+    held: int = 0  # micro-credits its hold or its lease reserved
+    lease: Lease | None = None  # admitted on a credit lease (orch.lease): settled in the lease's next batch
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.monotonic)
     ttft_ms: int | None = None
     last: Delta | None = None
-    settled: asyncio.Task[None] | None = None
+    settled: asyncio.Future[None] | None = None
 
     def first_token(self) -> None:
         self.ttft_ms = round((time.monotonic() - self.t0) * 1000)
@@ -72,7 +74,8 @@ class Meter:
 class Settler:
     """Settles meters and releases abandoned holds in tasks of their own (a client that goes away
     cancels its response, never its settle), retrying each with the same op id; :meth:`drain` waits
-    for the ones still pending when the replica stops.
+    for the ones still pending when the replica stops. A meter admitted on a lease is handed to
+    ``leases`` instead, at once: its cost and row go out in the lease's next batch.
 
     >>> settler = Settler(ledger_client, "public")  # doctest: +SKIP
     >>> await settler.settle(meter, "ok")  # doctest: +SKIP
@@ -86,8 +89,10 @@ class Settler:
         retry_s: float = SETTLE_RETRY_S,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        leases: Leases | None = None,
     ) -> None:
         self._ledger = ledger
+        self._leases = leases
         self._tap = tap
         self._retry_s = retry_s
         self._sleep = sleep
@@ -98,10 +103,16 @@ class Settler:
     def pending(self) -> int:
         return len(self._pending)
 
-    def settle(self, meter: Meter, status: str) -> asyncio.Task[None]:
+    def settle(self, meter: Meter, status: str) -> asyncio.Future[None]:
         """Charges the tokens the engine reported and writes the usage row. Idempotent per request."""
         if meter.settled is None:
-            meter.settled = self._track(self._settle_now(meter, status))
+            if meter.lease is not None and self._leases is not None:
+                charge, row = self._usage(meter, status)
+                self._leases.finish(meter.lease, meter.held, charge, row)
+                meter.settled = asyncio.get_running_loop().create_future()
+                meter.settled.set_result(None)  # nothing to wait for on the request path
+            else:
+                meter.settled = self._track(self._settle_now(meter, status))
         return meter.settled
 
     def release(self, tenant_id: str, hold_id: str) -> None:
@@ -128,12 +139,14 @@ class Settler:
             log.error("%d settles did not commit before shutdown; their holds will expire", len(left))
         return len(left)
 
-    async def _settle_now(self, meter: Meter, status: str) -> None:
+    def _usage(self, meter: Meter, status: str) -> tuple[int, UsageRow]:
+        """What the request costs (at most what it reserved) and its usage row."""
         last = meter.last
         prompt_tokens = last.prompt_tokens if last else 0
         completion_tokens = last.completion_tokens if last else 0
-        charge = cost(meter.price, prompt_tokens, completion_tokens) if meter.hold_id else 0
-        if charge > meter.held and meter.hold_id:  # the bound failed: charge what was held, and say so
+        billed = meter.hold_id is not None or meter.lease is not None
+        charge = cost(meter.price, prompt_tokens, completion_tokens) if billed else 0
+        if charge > meter.held and billed:  # the bound failed: charge what was held, and say so
             log.error("request %s cost %d over its hold of %d; charging the hold", meter.request_id, charge, meter.held)
             charge = meter.held
         row = UsageRow(
@@ -151,6 +164,10 @@ class Settler:
             status,  # type: ignore[arg-type]
             last.finish_reason if last else None,
         )
+        return charge, row
+
+    async def _settle_now(self, meter: Meter, status: str) -> None:
+        charge, row = self._usage(meter, status)
         tenant = meter.principal.tenant_id
         op = Settle("settle-" + meter.request_id, meter.hold_id, charge) if meter.hold_id else None
         await self._commit(tenant, op, row, meter.request_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -28,13 +29,26 @@ NUM_GPUS = 8  # declared by the session's head (fake on this machine): private t
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port for a server a test starts later, outside the kernel's ephemeral range (32768+) and Ray's
+    worker ports (10002-19999): an ephemeral one can be taken by any of Ray's processes before Serve binds it."""
+    for _ in range(1000):
+        port = random.randrange(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
+GATEWAY_REPLICAS = 2  # so every billing test runs with two replicas leasing one tenant's credit
+LEASE_TTL_S = 10  # the least allowed: a killed replica's lease is back in the balance within seconds
 
 
 def local_config(port: int, model_dir: Path) -> dict[str, Any]:
-    """configs/local.yaml as shipped, on another port, with the already materialised model folder.
+    """configs/local.yaml as shipped, on another port, with the already materialised model folder,
+    :data:`GATEWAY_REPLICAS` gateway replicas and leases of :data:`LEASE_TTL_S`.
 
     ``LLAMA_ORCH_TEST_ENGINE=<dtype>:<compiled|eager>`` runs the session's engine with another setting
     (e.g. to show the golden-answer test failing on ``bfloat16:compiled``)."""
@@ -42,6 +56,8 @@ def local_config(port: int, model_dir: Path) -> dict[str, Any]:
     config["http_options"]["port"] = port
     override = os.environ.get("LLAMA_ORCH_TEST_ENGINE")
     for app in config["applications"]:
+        app["args"]["gateway"]["num_replicas"] = GATEWAY_REPLICAS
+        app["args"]["lease_ttl_s"] = LEASE_TTL_S
         for model in app["args"]["models"]:
             model["source"] = str(model_dir)
             if override:

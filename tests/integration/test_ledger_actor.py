@@ -39,7 +39,9 @@ def test_concurrent_holds_never_overspend_and_survive_a_kill(ledger) -> None:  #
 
     async def one(i: int) -> int:
         hold = await actor.call.remote("apply", Hold(f"h{i}", tenant, 1_000, 60))
-        if hold.code is not Code.OK:
+        # EXISTS: the kill landed after the hold was committed but before its reply; Ray retried the
+        # call and the ledger answered with the first (OK) result. Only OK results are remembered.
+        if not hold.ok:
             assert hold.code is Code.INSUFFICIENT_CREDITS
             return 0
         settled = await actor.call.remote("apply", Settle(f"s{i}", f"h{i}", 700))

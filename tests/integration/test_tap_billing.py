@@ -84,11 +84,13 @@ def test_revoked_key_is_refused_within_5_seconds(stack: Stack) -> None:
     key_id = key.removeprefix("sk-orch-").split("-")[0]
     admin(stack, "DELETE", f"/admin/keys/{key_id}")
     t0 = time.monotonic()
-    while chat(stack, key, max_tokens=1).status_code == 200:
+    while chat(stack, key, max_tokens=1).status_code == 200:  # refused by one gateway replica first
         assert time.monotonic() - t0 < 5.5, "a revoked key still works after 5 s"
         time.sleep(0.2)
-    resp = chat(stack, key, max_tokens=1)
-    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    time.sleep(max(0.0, 5.0 - (time.monotonic() - t0)))
+    for _ in range(12):  # 5 s after the revocation, every replica refuses it (each call lands on either)
+        resp = chat(stack, key, max_tokens=1)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key", resp.text
 
 
 def hold_of_question(max_tokens: int) -> int:
@@ -137,9 +139,11 @@ def test_tenant_flow_402_at_zero_then_grant_works_again(stack: Stack, ray_driver
     assert conflict.status_code == 409
     assert chat(stack, key).status_code == 200
 
-    # The tenant sees the same through its own key.
+    # The tenant sees the same through its own key (once the leases are back: a replica's batch of usage
+    # reaches the ledger within 50 ms, and a lease holds credit until it is idle).
+    settled = account(stack, tenant)
     own = httpx.get(stack.v1 + "/account", headers={"Authorization": f"Bearer {key}"}).json()
-    assert own["balance_micro_credits"] == account(stack, tenant)["balance_micro_credits"]
+    assert own["balance_micro_credits"] == settled["balance_micro_credits"]
     assert [g["micro_credits"] for g in own["grants"]] == [granted, 1_000]
     report = httpx.get(stack.v1 + "/usage?group_by=model", headers={"Authorization": f"Bearer {key}"}).json()
     assert report["totals"]["requests"] == 2
@@ -296,5 +300,8 @@ def test_readme_tenant_flow_with_the_cli(stack: Stack) -> None:
     account_text = orch("account", tenant)
     assert f"tenant {tenant} (acme)" in account_text and "expires 20" in account_text
     assert orch("usage", tenant, "--group-by", "model").startswith("2 requests")
-    assert json.loads(orch("account", tenant, "--json"))["held_micro_credits"] == 0
+    deadline = time.monotonic() + 20  # the lease the last call took is returned once idle (2 s)
+    while (held := json.loads(orch("account", tenant, "--json"))["held_micro_credits"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert held == 0
     assert orch("keys", "revoke", key_id) == f"revoked {key_id}"

@@ -1,0 +1,83 @@
+"""Credit leases on the session's real stack (two gateway replicas, real Ray, vLLM CPU, DuckDB): a gateway
+replica killed under load leaves the ledger consistent, and its lease expires back into the balance.
+
+The 200-stream storm on a grant for ~20 requests, the ledger killed under load, `down`/`up` and key
+revocation run in test_tap_billing.py against the same two replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from tests.integration.conftest import GATEWAY_REPLICAS, LEASE_TTL_S, MODEL, Stack
+from tests.integration.test_tap_billing import QUESTION, account, new_tenant, usage
+
+pytestmark = pytest.mark.integration
+
+
+def gateway_replicas() -> list[str]:
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"] for a in names if a["name"].startswith("SERVE_REPLICA::public#Gateway#"))
+
+
+def test_two_gateway_replicas_serve_the_public_tap(stack: Stack, ray_driver: None) -> None:
+    assert len(gateway_replicas()) == GATEWAY_REPLICAS == 2
+
+
+def test_killing_a_gateway_replica_under_load_leaves_the_ledger_exact(stack: Stack, ray_driver: None) -> None:
+    grant = 10_000_000
+    tenant, key = new_tenant(stack, grant)
+    victim = gateway_replicas()[0]
+
+    async def run() -> list[int | str]:
+        async with httpx.AsyncClient(timeout=300) as client:
+
+            async def one(i: int) -> int | str:
+                await asyncio.sleep(i * 0.05)
+                body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+                try:
+                    resp = await client.post(
+                        stack.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+                    )
+                except httpx.HTTPError as exc:  # the killed replica's connections
+                    return type(exc).__name__
+                return resp.status_code
+
+            async def kill() -> None:
+                await asyncio.sleep(1.0)
+                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+            results = await asyncio.gather(*(one(i) for i in range(60)), kill())
+            return [r for r in results if r is not None]
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) >= 30, statuses
+
+    # Every lease comes back: the dead replica's by its timeout, the live one's when idle.
+    deadline = time.monotonic() + LEASE_TTL_S + 30
+    a: dict[str, Any] = account(stack, tenant, settled=False)
+    while a["held_micro_credits"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        a = account(stack, tenant, settled=False)
+    assert a["held_micro_credits"] == 0 and a["open_holds"] == [], a
+    report = usage(stack, tenant)["totals"]
+    # Served requests whose usage was still on the dead replica go uncharged (never more than served).
+    assert 0 < report["requests"] <= statuses.count(200)
+    assert report["cost_micro_credits"] == a["spent_micro_credits"] == grant - a["balance_micro_credits"]
+    audit = ray.get(ray.get_actor("tenant-ledger-0", namespace="llama-orch").call.remote("audit"), timeout=60)
+    assert audit["debited"] == audit["usage_cost"]
+
+    # Serve replaces the replica; the tap serves on.
+    deadline = time.monotonic() + 120
+    while len(gateway_replicas()) < GATEWAY_REPLICAS and time.monotonic() < deadline:
+        time.sleep(1)
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4}
+    headers = {"Authorization": f"Bearer {key}"}
+    again = httpx.post(stack.v1 + "/chat/completions", json=body, headers=headers, timeout=120)
+    assert again.status_code == 200, again.text
