@@ -41,15 +41,14 @@ from orch.errors import (
     APIError,
     EngineUnavailable,
     Forbidden,
-    InsufficientCredits,
     InternalError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
 )
 from orch.lease import Leases, LeaseSettings
-from orch.ledger import Code, Hold, Price, Result
-from orch.metering import Meter, Settler
+from orch.ledger import Price
+from orch.metering import Admission, Meter, Settler
 from orch.protocol import (
     ChatCompletionRequest,
     ChunkWriter,
@@ -152,7 +151,6 @@ class Gateway:
         self._streams = {name: handle.options(stream=True) for name, handle in models.items()}
         self._tap = tap.tap
         self._billing = tap.billing
-        self._hold_timeout_s = tap.hold_timeout_s
         self._prices = {m.name: Price(m.price.input_per_m, m.price.output_per_m) for m in tap.models}
         self._limits: dict[str, PromptLimits] = {}
         self._created = int(time.time())
@@ -168,6 +166,7 @@ class Gateway:
         if tap.billing == "credits" and tap.credit_leases:
             self._leases = Leases(self._ledger, self._tap, LeaseSettings(ttl_s=tap.lease_ttl_s))
         self._settler = Settler(self._ledger, self._tap, leases=self._leases)
+        self._admission = Admission(self._ledger, self._settler, self._leases, hold_timeout_s=tap.hold_timeout_s)
         self._settle = self._settler.settle
         tenant = "tenant"
         self._routes = [
@@ -338,36 +337,9 @@ class Gateway:
         if self._billing != "credits":
             return Meter(principal, req.model, price, request_id, None)
         amount = hold_amount(price, limits, bound, req.max_tokens)
-        tenant = principal.tenant_id
-        lease_free = 0
-        if self._leases is not None:
-            lease = await self._leases.admit(tenant, amount)  # no await unless the lease must grow first
-            if lease is not None:
-                return Meter(principal, req.model, price, request_id, None, amount, lease=lease)
-            lease_free = self._leases.free(tenant)
-        hold_id = "hold-" + request_id
-        pending = asyncio.ensure_future(self._ledger.apply(tenant, Hold(hold_id, tenant, amount, self._hold_timeout_s)))
-        try:
-            result: Result = await asyncio.shield(pending)
-        except asyncio.CancelledError:  # the client left; the hold may still commit: release it then
-            pending.add_done_callback(lambda done: self._release_if_held(done, tenant, hold_id))
-            raise
-        if result.code is Code.INSUFFICIENT_CREDITS:
-            limit = f"max_tokens {req.max_tokens}" if req.max_tokens else "no max_tokens (the rest of the context)"
-            raise InsufficientCredits(
-                f"Insufficient credits: this request may cost up to {amount} micro-credits (a prompt of at most "
-                f"{bound} tokens and {limit}); {result.available + lease_free} micro-credits are free. Add credits, "
-                "or lower max_tokens.",
-                code="insufficient_credits",
-            )
-        if not result.ok:
-            raise Forbidden(f"This key's tenant cannot be billed ({result.code.value}).", code=result.code.value)
-        return Meter(principal, req.model, price, request_id, hold_id, amount)
-
-    def _release_if_held(self, done: asyncio.Future[Result], tenant: str, hold_id: str) -> None:
-        if done.cancelled() or done.exception() is not None or done.result().code is not Code.OK:
-            return
-        self._settler.release(tenant, hold_id)
+        limit = f"max_tokens {req.max_tokens}" if req.max_tokens else "no max_tokens (the rest of the context)"
+        why = f"a prompt of at most {bound} tokens and {limit}"
+        return await self._admission.admit(principal, req.model, price, request_id, amount, why=why)
 
     async def _collect(self, chat: bool, meter: Meter, stream: DeploymentResponseGenerator) -> Response:
         assert meter.last is not None

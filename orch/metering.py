@@ -1,8 +1,10 @@
-"""Settling admitted requests: the engine's exact counts → one Settle (with its usage row) in the
-tenant's ledger, retried with the same op id until it commits, and drained when a gateway stops.
+"""Metering a request: admitting it against its worst-case cost (:class:`Admission`: on the replica's
+credit lease, else a hold of its own, else 402), and settling it with the engine's exact counts
+(:class:`Settler`: into the lease's next batch, or one Settle with its usage row in the tenant's ledger,
+retried with the same op id until it commits, and drained when a gateway stops).
 
-Pure asyncio over a small ledger seam (:class:`SettleLedger`; the gateway passes its
-``LedgerClient``), so the money path's retries are tested without Ray (``tests/unit/test_metering.py``).
+Pure asyncio over small ledger seams (:class:`SettleLedger`, ``orch.lease.LeaseLedger``; the gateway
+passes its ``LedgerClient``), so the money path is tested without Ray (``tests/unit/test_metering.py``).
 A retry can never charge twice: the ledger answers a repeated op id with the first result.
 """
 
@@ -18,8 +20,9 @@ from typing import Any, Protocol
 
 from orch.billing import Principal
 from orch.engine import Delta
+from orch.errors import Forbidden, InsufficientCredits
 from orch.lease import Lease, Leases
-from orch.ledger import Op, Price, Release, Result, Settle, cost
+from orch.ledger import Code, Hold, Op, Price, Release, Result, Settle, cost
 from orch.store import UsageRow
 
 log = logging.getLogger("ray.serve")
@@ -197,3 +200,51 @@ class Settler:
                         name, what, result.micro_credits, op.micro_credits)  # fmt: skip
         elif not result.ok:
             log.error("%s of %s refused: %s", name, what, result.code.value)
+
+
+class Admission:
+    """Admits a credits-billed request against its worst-case cost ``amount``: on the tenant's lease
+    here (``leases``; no ledger round trip unless it must grow), else by a hold of its own committed in
+    the ledger (``hold_timeout_s``), else 402 (:class:`InsufficientCredits`) saying what is free.
+
+    >>> admission = Admission(ledger_client, settler, leases, hold_timeout_s=3600)  # doctest: +SKIP
+    >>> meter = await admission.admit(principal, "m", price, "cmpl-1", 53, why="31 prompt tokens")  # doctest: +SKIP
+    """
+
+    def __init__(self, ledger: SettleLedger, settler: Settler, leases: Leases | None, *, hold_timeout_s: int) -> None:
+        self._ledger = ledger
+        self._settler = settler
+        self._leases = leases
+        self._hold_timeout_s = hold_timeout_s
+
+    async def admit(self, principal: Principal, model: str, price: Price, request_id: str, amount: int,
+                    *, why: str) -> Meter:  # fmt: skip
+        """The request's meter once ``amount`` is reserved; ``why`` explains the amount in a 402."""
+        tenant = principal.tenant_id
+        lease_free = 0
+        if self._leases is not None:
+            lease = await self._leases.admit(tenant, amount)  # no await unless the lease must grow first
+            if lease is not None:
+                return Meter(principal, model, price, request_id, None, amount, lease=lease)
+            lease_free = self._leases.free(tenant)
+        hold_id = "hold-" + request_id
+        pending = asyncio.ensure_future(self._ledger.apply(tenant, Hold(hold_id, tenant, amount, self._hold_timeout_s)))
+        try:
+            result: Result = await asyncio.shield(pending)
+        except asyncio.CancelledError:  # the client left; the hold may still commit: release it then
+            pending.add_done_callback(lambda done: self._release_if_held(done, tenant, hold_id))
+            raise
+        if result.code is Code.INSUFFICIENT_CREDITS:
+            raise InsufficientCredits(
+                f"Insufficient credits: this request may cost up to {amount} micro-credits ({why}); "
+                f"{result.available + lease_free} micro-credits are free. Add credits, or lower max_tokens.",
+                code="insufficient_credits",
+            )
+        if not result.ok:
+            raise Forbidden(f"This key's tenant cannot be billed ({result.code.value}).", code=result.code.value)
+        return Meter(principal, model, price, request_id, hold_id, amount)
+
+    def _release_if_held(self, done: asyncio.Future[Result], tenant: str, hold_id: str) -> None:
+        if done.cancelled() or done.exception() is not None or done.result().code is not Code.OK:
+            return
+        self._settler.release(tenant, hold_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from actors.ledger import LedgerUnavailable
 from orch.billing import Principal
 from orch.engine import Delta
 from orch.lease import Lease, Leases, LeaseSettings, Renewal, Renewed, apply_renewal
-from orch.ledger import Code, CreateTenant, ExpireHolds, GrantCredits, Hold, Ledger, Price, Settle
+from orch.ledger import Code, CreateTenant, ExpireHolds, GrantCredits, Hold, Ledger, Op, Price, Result, Settle
 from orch.metering import Meter, Settler
 from orch.store import UsageRow
 
@@ -54,6 +55,18 @@ class FakeLeaseLedger:
             self.fail -= 1
             raise LedgerUnavailable("reply lost")
         return renewed
+
+    async def apply(self, tenant_id: str, op: Op, usage: UsageRow | None = None) -> Result:
+        """A direct hold or settle (LedgerClient.apply), on the same Ledger."""
+        await asyncio.sleep(self.delay_s)
+        result = self.ledger.apply(op)
+        if isinstance(op, Settle) and result.code is Code.OK:
+            self.debited += result.micro_credits
+            self.rows.extend([usage] if usage is not None else [])
+        return result
+
+    async def tenant_call(self, tenant_id: str, method: str, *args: Any) -> Any:
+        raise AssertionError(f"not used here: {method}")
 
     def account(self):  # type: ignore[no-untyped-def]
         return self.ledger.account(T)

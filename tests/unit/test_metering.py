@@ -1,4 +1,5 @@
-"""Settling over a fake ledger (named as such): retries with the same op id, and the drain at shutdown."""
+"""Metering over fake ledgers (named as such): admission on a lease, by a hold of its own or 402; settles retried with
+the same op id, and the drain at shutdown."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from actors.ledger import LedgerUnavailable
 from orch.billing import Principal
 from orch.engine import Delta
+from orch.errors import InsufficientCredits
+from orch.lease import Leases
 from orch.ledger import Code, Op, Price, Release, Result, Settle
-from orch.metering import Meter, Settler
+from orch.metering import Admission, Meter, Settler
 from orch.store import UsageRow
 
 
@@ -177,3 +180,91 @@ def test_overhead_is_the_time_outside_the_engine_and_never_negative() -> None:
     assert 50.0 <= meter.overhead_ms() < 850.0
     meter.last = Delta("Hi", 3, 1, engine_ms=10_000.0)  # clocks of two processes: never below zero
     assert meter.overhead_ms() == 0.0
+
+
+# ---- Admission: lease, direct hold, 402, a client gone while its hold commits ----
+
+
+def _admission(grant: int, leases: bool = True):  # type: ignore[no-untyped-def]
+    from tests.unit.test_lease import FAST, FakeLeaseLedger
+
+    ledger = FakeLeaseLedger(grant)
+    lease_set = Leases(ledger, "public", FAST) if leases else None
+    settler = Settler(ledger, "public", leases=lease_set)
+    return ledger, settler, Admission(ledger, settler, lease_set, hold_timeout_s=60)
+
+
+PRINCIPAL = Principal("t-1", "k" * 16, "public")
+PRICE = Price(1_000_000, 2_000_000)
+
+
+def test_admission_uses_the_lease_then_settles_into_its_batch() -> None:
+    ledger, settler, admission = _admission(10_000)
+
+    async def scenario() -> None:
+        meter = await admission.admit(PRINCIPAL, "m", PRICE, "cmpl-1", 100, why="test")
+        assert meter.lease is not None and meter.hold_id is None and meter.held == 100
+        meter.last = Delta("hi", 10, 5, "stop")
+        await settler.settle(meter, "ok")  # at once: the cost joined the lease's batch
+        await asyncio.sleep(0.1)
+        assert [(r.request_id, r.cost_micro) for r in ledger.rows] == [("cmpl-1", 20)]
+
+    asyncio.run(scenario())
+    ledger.check(10_000)
+
+
+def test_admission_falls_back_to_a_hold_of_its_own_and_402_says_what_is_free() -> None:
+    ledger, settler, admission = _admission(1_000, leases=False)
+
+    async def scenario() -> None:
+        meter = await admission.admit(PRINCIPAL, "m", PRICE, "cmpl-1", 600, why="test")
+        assert meter.lease is None and meter.hold_id == "hold-cmpl-1"
+        assert ledger.account().held == 600
+        with pytest.raises(InsufficientCredits) as refused:
+            await admission.admit(PRINCIPAL, "m", PRICE, "cmpl-2", 600, why="a prompt of at most 9 tokens")
+        assert "up to 600 micro-credits (a prompt of at most 9 tokens); 400 micro-credits are free" in str(
+            refused.value
+        )
+        meter.last = Delta("hi", 10, 5, "stop")
+        await settler.settle(meter, "ok")
+
+    asyncio.run(scenario())
+    assert ledger.account().held == 0 and ledger.account().balance == 1_000 - 20
+    ledger.check(1_000)
+
+
+def test_a_request_the_lease_cannot_cover_takes_a_direct_hold_when_the_balance_can() -> None:
+    ledger, settler, admission = _admission(1_000)
+
+    async def scenario() -> None:
+        small = await admission.admit(PRINCIPAL, "m", PRICE, "cmpl-1", 100, why="test")
+        assert small.lease is not None
+        big = await admission.admit(PRINCIPAL, "m", PRICE, "cmpl-2", 900, why="test")  # lease grows to 1000
+        assert big.lease is small.lease and small.lease.in_flight == 1_000
+        with pytest.raises(InsufficientCredits):
+            await admission.admit(PRINCIPAL, "m", PRICE, "cmpl-3", 1, why="test")
+        for meter in (small, big):
+            meter.last = Delta("hi", 1, 1, "stop")
+            settler.settle(meter, "ok")
+        await asyncio.sleep(0.6)
+
+    asyncio.run(scenario())
+    assert ledger.account().held == 0 and ledger.account().balance == 1_000 - 6
+    ledger.check(1_000)
+
+
+def test_a_hold_whose_client_left_is_released_once_it_commits() -> None:
+    ledger, settler, admission = _admission(1_000, leases=False)
+    ledger.delay_s = 0.05
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(admission.admit(PRINCIPAL, "m", PRICE, "cmpl-1", 600, why="test"))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        assert await settler.drain(5) == 0
+
+    asyncio.run(scenario())
+    assert ledger.account().held == 0 and ledger.account().balance == 1_000
