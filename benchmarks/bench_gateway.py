@@ -1,18 +1,19 @@
 """Gateway vs bare vLLM: the same model, engine settings and streaming load, one server at a time.
 
-    .venv/bin/python -m benchmarks.bench_gateway                       # 32 clients x 3 requests x 64 tokens, ~7 min
+    .venv/bin/python -m benchmarks.bench_gateway                       # 32 clients x 3 requests x 64 tokens, ~25 min
     .venv/bin/python -m benchmarks.bench_gateway --requests-per-client 2 --max-tokens 32   # quicker
 
 Phase 1 starts vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with the
 engine settings of the first model in ``--config``; phase 2 Ray Serve LLM's ``build_openai_app`` with the
-same folder and engine arguments (``benchmarks/serve_llm_server.py``); phases 3 and 4 start llama-orch as users do
-(``python -m orch.cli up`` on a copy of the config with a free port and its own data dir, then
-``down``), once with ``billing: credits`` (the config's: a hold is committed before each request reaches
-the engine) and once with ``billing: contract`` (usage recorded, no hold), both with the demo key; the
-last phase runs bare vLLM again, so the table shows how much the machine drifted during the run.
-Each phase waits for ``/v1/models``, warms up, measures, and records which vLLM threads
-did the work. Prints a table and writes JSON (default ``benchmarks/results/gateway.json``; server
-logs go next to it, under ``logs/``).
+same folder and engine arguments (``benchmarks/serve_llm_server.py``); phases 3 to 5 start llama-orch as
+users do (``python -m orch.cli up`` on a copy of the config with a free port and its own data dir, then
+``down``) three ways: ``billing: contract`` (usage rows only, no credit check), credits with a hold and a
+settle per request (``credit_leases: false``), and credits on leases (the default); the last phase runs
+bare vLLM again, so the table shows how much the machine drifted during the run. Each phase waits for
+``/v1/models``, warms up, probes one client (``--single-requests`` requests of ``--max-tokens``), measures
+the load, and records which vLLM threads did the work. Prints a table, the ratios against the goals of
+issue 9 and writes JSON (default ``benchmarks/results/gateway.json``; server logs go next to it, under
+``logs/``).
 """
 
 from __future__ import annotations
@@ -48,8 +49,24 @@ from orch.serve_config import load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
 BARE, GATEWAY, NO_HOLD = "bare vLLM", "llama-orch gateway", "gateway, no hold"
+HOLDS = "gateway, hold per request"
 SERVE_LLM, BARE_LAST = "Ray Serve LLM", "bare vLLM (again, last)"
-BILLING = {GATEWAY: "credits", NO_HOLD: "contract"}  # the same stack, with and without the pre-engine hold
+# The same stack three ways: credits on leases (the default), credits with a hold and a settle per request
+# (the path before leases), and contract billing (usage rows only, no credit check).
+TAP_ARGS: dict[str, dict[str, Any]] = {
+    GATEWAY: {"billing": "credits", "credit_leases": True},
+    HOLDS: {"billing": "credits", "credit_leases": False},
+    NO_HOLD: {"billing": "contract"},
+}
+TAP_LOG = {GATEWAY: "credits", HOLDS: "holds", NO_HOLD: "contract"}
+GOALS = {  # issue 9's, for the tap with credit billing (the default config)
+    "throughput_ratio": (">=", 0.95),
+    "single_stream_throughput_ratio": (">=", 0.95),
+    "added_single_stream_ttft_p50_ms": ("<=", 3.0),
+    "added_single_stream_ttft_p99_ms": ("<=", 10.0),
+    "throughput_ratio_vs_serve_llm": (">=", 1.15),
+    "serving_cpu_ms_per_token": ("<=", 0.5),
+}
 
 
 def free_port() -> int:
@@ -145,7 +162,7 @@ def measure_phase(
     print(f"[{label}] warming up ({spec.warmup_requests} requests) ...", flush=True)
     warmup_errors = asyncio.run(warm_up(spec))
     # Under 32 lock-step streams TTFT is the batch prefill (seconds); one stream shows the per-hop cost.
-    single_spec = replace(spec, clients=1, requests_per_client=single_requests, max_tokens=8, warmup_requests=1)
+    single_spec = replace(spec, clients=1, requests_per_client=single_requests, warmup_requests=1)
     single = asyncio.run(measure(single_spec)).summary() if single_requests > 0 else None
     load_before = os.getloadavg()
     before = procprobe.snapshot(root_pid)
@@ -240,13 +257,15 @@ def spawn(cmd: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Pop
     )
 
 
-def gateway_config(config_path: Path, port: int, model: ModelConfig, model_dir: Path, out: Path, billing: str) -> Path:
+def gateway_config(
+    config_path: Path, port: int, model: ModelConfig, model_dir: Path, out: Path, tap_args: dict[str, Any]
+) -> Path:
     """A copy of the user's config on a free port; the benchmarked model uses the bare server's folder and dtype."""
     config = yaml.safe_load(config_path.read_text())
     config.setdefault("http_options", {})["port"] = port
     for app in config["applications"]:
         if str(app.get("import_path", "")).startswith("apps."):
-            app["args"]["billing"] = billing
+            app["args"].update(tap_args)
         for entry in (app.get("args") or {}).get("models", []):
             if entry.get("name") == model.name:
                 entry["source"] = str(model_dir)  # same weights as the bare server, no second conversion
@@ -272,8 +291,8 @@ def orch_cli(data_dir: Path, *args: str, log_path: Path, timeout_s: float) -> in
 def run_gateway(label: str, model: ModelConfig, model_dir: Path, config_path: Path, run: Run) -> dict[str, Any]:
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
-    config = gateway_config(config_path, port, model, model_dir, data_dir / "config.yaml", BILLING[label])
-    log_path = run.log_dir / f"gateway-cli-{BILLING[label]}.log"
+    config = gateway_config(config_path, port, model, model_dir, data_dir / "config.yaml", TAP_ARGS[label])
+    log_path = run.log_dir / f"gateway-cli-{TAP_LOG[label]}.log"
     log_path.unlink(missing_ok=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     result: dict[str, Any] = {"data_dir": str(data_dir), "config": config.read_text(), "log": str(log_path)}
@@ -400,9 +419,14 @@ def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     tput_bare, tput_gw = _value(bare, "summary", "throughput_tok_s"), _value(gw, "summary", "throughput_tok_s")
     return {
         "throughput_ratio": round(tput_gw / tput_bare, 3) if tput_bare and tput_gw is not None else None,
+        "single_stream_throughput_ratio": _ratio(gw, bare, "single_stream"),
         "added_ttft_p50_ms": diff("summary", "ttft_ms", "p50"),
         "added_latency_p50_ms": diff("summary", "latency_ms", "p50"),
         "added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50"),
+        "added_single_stream_ttft_p99_ms": diff("single_stream", "ttft_ms", "p99"),
+        "serving_cpu_ms_per_token": _value(gw, "serving_cpu_ms_per_token"),
+        "leases_vs_holds_throughput_ratio": _ratio(gw, phases.get(HOLDS, {})),
+        "holds_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=phases.get(HOLDS, {})),
         "hold_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=no_hold),
         "hold_added_ttft_p50_ms": diff("summary", "ttft_ms", "p50", base=no_hold),
         "throughput_ratio_vs_serve_llm": _ratio(gw, phases.get(SERVE_LLM, {})),
@@ -411,9 +435,19 @@ def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-    x, y = _value(a, "summary", "throughput_tok_s"), _value(b, "summary", "throughput_tok_s")
+def _ratio(a: dict[str, Any], b: dict[str, Any], part: str = "summary") -> float | None:
+    x, y = _value(a, part, "throughput_tok_s"), _value(b, part, "throughput_tok_s")
     return round(float(x) / float(y), 3) if x is not None and y else None
+
+
+def goals(ratio: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    """Each goal of GOALS with the measured value and whether it is met (None: not measured)."""
+    out = {}
+    for name, (op, bound) in GOALS.items():
+        value = ratio.get(name)
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out[name] = {"goal": f"{op} {bound}", "value": value, "met": met}
+    return out
 
 
 def thread_lines(phases: dict[str, dict[str, Any]]) -> list[str]:
@@ -444,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         help="engine dtype for both servers: 'cpu-default' (the config's, but 'auto' becomes what "
         "orch.models.default_engine_dtype() picks: float32 on CPUs without AVX512-BF16), 'config', or a dtype",
     )
-    parser.add_argument("--only", choices=("bare", "serve-llm", "gateway", "no-hold"), help="run one phase (debugging)")
+    parser.add_argument(
+        "--only", choices=("bare", "serve-llm", "gateway", "holds", "no-hold"), help="run one phase (debugging)"
+    )
     args = parser.parse_args(argv)
 
     from orch.models import materialise_default_model
@@ -467,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         phases[BARE] = run_bare(BARE, model, model_dir, run)
     if args.only in (None, "serve-llm"):
         phases[SERVE_LLM] = run_serve_llm(model, model_dir, run)
-    for label, only in ((NO_HOLD, "no-hold"), (GATEWAY, "gateway")):
+    for label, only in ((NO_HOLD, "no-hold"), (HOLDS, "holds"), (GATEWAY, "gateway")):
         if args.only in (None, only):
             phases[label] = run_gateway(label, model, model_dir, args.config, run)
     if args.only is None:
@@ -486,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         f"gateway/Ray Serve LLM: {ratio['throughput_ratio_vs_serve_llm']}   Ray Serve LLM/bare: "
         f"{ratio['serve_llm_throughput_ratio']}   bare last/first (drift): {ratio['bare_drift_ratio']}"
     )
+    met = goals(ratio)
+    for name, goal in met.items():
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[goal["met"]]
+        print(f"goal {name} {goal['goal']}: {goal['value']} -> {verdict}")
     for line in thread_lines(phases):
         print(line)
     result = {
@@ -494,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             **spec_args,
             "single_stream_requests": args.single_requests,
-            "single_stream_max_tokens": 8,
+            "single_stream_max_tokens": args.max_tokens,
             "model": model.name,
             "model_dir": str(model_dir),
             "config": str(args.config),
@@ -506,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": machine_info(),
         "comparison": ratio,
+        "goals": met,
         "table": table(phases),
         "phases": phases,
     }
