@@ -6,7 +6,7 @@
 Phase 1 starts vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with the
 engine settings of the first model in ``--config``; phase 2 Ray Serve LLM's ``build_openai_app`` with the
 same folder and engine arguments (``benchmarks/serve_llm_server.py``); phases 3 to 5 start llama-orch as
-users do (``python -m orch.cli up`` on a copy of the config with a free port and its own data dir, then
+users do (``python -m orch.control.cli up`` on a copy of the config with a free port and its own data dir, then
 ``down``) three ways: ``billing: contract`` (usage rows only, no credit check), credits with a hold and a
 settle per request (``credit_leases: false``), and credits on leases (the default); the last phase runs
 bare vLLM again, so the table shows how much the machine drifted during the run. Each phase waits for
@@ -276,7 +276,7 @@ def gateway_config(
 
 def orch_cli(data_dir: Path, *args: str, log_path: Path, timeout_s: float) -> int:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always our own head
-    cmd = [sys.executable, "-m", "orch.cli", "--data-dir", str(data_dir), *args]
+    cmd = [sys.executable, "-m", "orch.control.cli", "--data-dir", str(data_dir), *args]
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()

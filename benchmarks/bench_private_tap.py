@@ -45,7 +45,7 @@ FAST = ["--set=upscale_delay_s=0", "--set=downscale_delay_s=5", "--set=target_on
 
 def orch(data: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "orch.cli", "--data-dir", str(data), *args]
+    cmd = [sys.executable, "-m", "orch.control.cli", "--data-dir", str(data), *args]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:3])} failed: {done.stderr[-2000:]}")
@@ -67,7 +67,7 @@ def replicas(data: Path, app: str) -> int:
 def connect(data: Path) -> None:
     import ray
 
-    from orch.cluster import read_state, use_cluster
+    from orch.control.cluster import read_state, use_cluster
 
     state = read_state(data)
     assert state is not None

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orch.cluster import read_state, use_cluster
+from orch.control.cluster import read_state, use_cluster
 from orch.models import DEFAULT_MODEL_NAME, materialise_default_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def local_config(port: int, model_dir: Path) -> dict[str, Any]:
 
 def cli(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "orch.cli", *args],
+        [sys.executable, "-m", "orch.control.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -92,7 +92,7 @@ def test_own_admin_secret_failing_engine_then_up_up_down(tmp_path: Path, tiny: P
     last = failed.stderr.strip().splitlines()[-1]
     assert re.search(r"the engine failed to start: ValueError: .*memory.*Fix: size the KV cache", last), last
     assert not (data / "cluster.json").exists()  # the head it started is stopped again
-    assert not any("orch.cluster" in " ".join(p.cmdline()) and str(data) in " ".join(p.cmdline())
+    assert not any("orch.control.cluster" in " ".join(p.cmdline()) and str(data) in " ".join(p.cmdline())
                    for p in psutil.process_iter() if p.is_running())  # fmt: skip
 
     good = small_config(tmp_path / "good.yaml", port, tiny)
@@ -127,7 +127,7 @@ def test_up_from_another_data_dir_on_a_served_port_is_refused(stack: Stack, tmp_
     port = stack.base_url.rsplit(":", 1)[1]
     assert len(lines) == 1 and f"port {port} is already served by pid" in lines[0], done.stderr
     assert not (other / "cluster.json").exists()
-    assert not any("orch.cluster" in " ".join(p.cmdline()) and str(other) in " ".join(p.cmdline())
+    assert not any("orch.control.cluster" in " ".join(p.cmdline()) and str(other) in " ".join(p.cmdline())
                    for p in psutil.process_iter() if p.is_running())  # fmt: skip
     # The running stack is untouched and still its own.
     assert httpx.get(stack.v1 + "/models", headers=stack.headers).status_code == 200
@@ -173,7 +173,7 @@ def ray_cli(stack: Stack, *args: str, timeout: float = 300) -> subprocess.Comple
 
 
 def test_ray_job_submit_runs_in_the_projects_environment(stack: Stack, tmp_path: Path) -> None:
-    from orch.tapctl import desired_config, load_taps
+    from orch.control.tapctl import desired_config, load_taps
 
     status = cli("--data-dir", str(stack.data_dir), "status", env=stack.client_env, timeout=120)
     jobs = re.search(r"^ray jobs: (http://\S+)$", status.stdout, re.M)

@@ -190,7 +190,7 @@ def test_serve_deploy_of_a_config_with_a_private_tap(stack: Stack, tiny: Path, r
 
     import yaml
 
-    from orch.tapctl import wait_app
+    from orch.control.tapctl import wait_app
 
     record = json.loads((stack.data_dir / "up.json").read_text())
     example = yaml.safe_load((REPO / "configs" / "private_tap.example.yaml").read_text())

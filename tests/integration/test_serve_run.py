@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from orch.cluster import start_head, stop_head
+from orch.control.cluster import start_head, stop_head
 from tests.integration.conftest import MODEL, REPO, free_port
 
 pytestmark = pytest.mark.integration

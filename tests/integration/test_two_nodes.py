@@ -1,5 +1,5 @@
 """Private taps on a cluster of two Ray nodes on this machine: a head without GPUs (ours, via
-``orch.cluster``) and a second node joined with ``ray start --address=... --num-gpus=4 --block``.
+``orch.control.cluster``) and a second node joined with ``ray start --address=... --num-gpus=4 --block``.
 ``llama-orch up`` deploys onto that cluster (as with ``RAY_ADDRESS``) and ``tap create --gpus 4`` must
 land on the node that has the GPUs. Everything runs in subprocesses: this process may be a driver of
 the session's cluster. The second node is stopped by its process group, never ``ray stop``."""
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orch.cluster import start_head, stop_head
+from orch.control.cluster import start_head, stop_head
 from tests.integration.conftest import REPO, cli, free_port
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ def test_up_with_a_typo_fails_fast_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump(config))
     proc = subprocess.run(
-        [sys.executable, "-m", "orch.cli", "--data-dir", str(tmp_path), "up", "--config", str(bad)],
+        [sys.executable, "-m", "orch.control.cli", "--data-dir", str(tmp_path), "up", "--config", str(bad)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -27,7 +27,7 @@ def test_up_with_a_typo_fails_fast_with_one_line(tmp_path: Path) -> None:
 
 def test_status_without_a_cluster(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "orch.cli", "--data-dir", str(tmp_path), "status"],
+        [sys.executable, "-m", "orch.control.cli", "--data-dir", str(tmp_path), "status"],
         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert proc.returncode == 1 and "no llama-orch cluster" in proc.stdout
@@ -38,7 +38,9 @@ def test_module_entry_point_parses_every_command() -> None:
     import sys
 
     for args in (["--help"], ["tap", "create", "--help"], ["credits", "grant", "--help"], ["usage", "--help"]):
-        done = subprocess.run([sys.executable, "-m", "orch.cli", *args], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "orch.control.cli", *args], capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr
         assert "usage: llama-orch" in done.stdout
 
@@ -48,7 +50,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
     base = {k: v for k, v in os.environ.items() if k not in ("LLAMA_ORCH_ADMIN_KEY", "RAY_ADDRESS")}
     return subprocess.run(
-        [sys.executable, "-m", "orch.cli", *args],
+        [sys.executable, "-m", "orch.control.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -107,8 +109,8 @@ def test_a_port_is_refused_unless_this_stacks_own_head_serves_it(tmp_path: Path)
 
     import pytest
 
-    from orch.cli import _check_port
-    from orch.cluster import ClusterState
+    from orch.control.cli import _check_port
+    from orch.control.cluster import ClusterState
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -12,8 +12,8 @@ from ray.serve.schema import ServeDeploySchema
 from apps.private_tap import build, tap_config
 from orch.capacity import Capacity, InsufficientGPUs, NodeGPUs
 from orch.config import ConfigError
+from orch.control.tapctl import check_capacity, desired_config, load_taps, tap_application
 from orch.serve_config import load_serve_config
-from orch.tapctl import check_capacity, desired_config, load_taps, tap_application
 from orch.tapspec import TapSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def test_a_private_tap_routes_tenants_to_the_stacks_ledger_shards() -> None:
 _ADD_TAPS = """
 import sys
 from pathlib import Path
-from orch.tapctl import load_taps, save_taps, taps_lock
+from orch.control.tapctl import load_taps, save_taps, taps_lock
 root, who = Path(sys.argv[1]), sys.argv[2]
 for i in range(40):
     with taps_lock(root):  # what `tap create` holds from load to save

@@ -28,9 +28,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from orch import cli_admin, cli_tap
-from orch.cli_admin import AdminClient, admin_key, admin_key_source
-from orch.cluster import (
+from orch.config import ConfigError, data_dir
+from orch.control import cli_admin, cli_tap
+from orch.control.cli_admin import AdminClient, admin_key, admin_key_source
+from orch.control.cluster import (
     ClusterState,
     base_url,
     connect,
@@ -44,7 +45,6 @@ from orch.cluster import (
     stop_head,
     up_file,
 )
-from orch.config import ConfigError, data_dir
 from orch.serve_config import load_serve_config
 from orch.startup import app_start_failure
 
@@ -104,7 +104,7 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
     try:
         address = address or (state.gcs_address if state else None)
         connect(address, state)
-        from orch.tapctl import desired_config, load_taps
+        from orch.control.tapctl import desired_config, load_taps
 
         deploy(desired_config(config, load_taps(root)))  # private taps created earlier come back too
         record_up(root, config)
@@ -143,7 +143,7 @@ def _check_admin_key() -> None:
 def _check_port(config: dict[str, Any], own: ClusterState | None, root: Path) -> None:
     """Refuses a port that a process outside this stack's own Ray head listens on: Ray's proxies set
     SO_REUSEPORT, so two stacks on one port would split connections between their tenants and ledgers."""
-    from orch.cluster import descends_from, listeners
+    from orch.control.cluster import descends_from, listeners
 
     port = int((config.get("http_options") or {}).get("port", 8000))
     foreign = [pid for pid in listeners(port) if pid is None or own is None or not descends_from(pid, own.pid)]

@@ -1,4 +1,4 @@
-"""``llama-orch tap create|list|scale|delete``: private taps on the running stack (see ``orch/tapctl.py``).
+"""``llama-orch tap create|list|scale|delete``: private taps on the running stack (see ``orch/control/tapctl.py``).
 
 Every change runs under the taps lock, deploys the stack's whole desired state, and waits for the tap;
 a tap that fails to start is rolled back, and a deleted tap's keys are revoked.
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orch.cli_admin import AdminClient, admin_key
-from orch.cluster import connect, deploy, read_state, read_up
 from orch.config import ConfigError
+from orch.control.cli_admin import AdminClient, admin_key
+from orch.control.cluster import connect, deploy, read_state, read_up
 
 
 def add_parsers(sub: Any) -> None:
@@ -57,7 +57,7 @@ def _pairs(items: list[str]) -> dict[str, Any]:
 
 
 def run(root: Path, args: argparse.Namespace) -> int:
-    from orch.tapctl import list_text, load_taps
+    from orch.control.tapctl import list_text, load_taps
 
     record = read_up(root)
     if record is None or "config" not in record:
@@ -67,7 +67,7 @@ def run(root: Path, args: argparse.Namespace) -> int:
     if args.action == "list":
         print(list_text(load_taps(root)))
         return 0
-    from orch.tapctl import taps_lock
+    from orch.control.tapctl import taps_lock
 
     with taps_lock(root):  # one tap change at a time: a concurrent run never drops this one's change
         return _change_tap(root, args, record)
@@ -76,7 +76,7 @@ def run(root: Path, args: argparse.Namespace) -> int:
 def _change_tap(root: Path, args: argparse.Namespace, record: dict[str, Any]) -> int:
     from orch.capacity import InsufficientGPUs, snapshot
     from orch.config import load_args
-    from orch.tapctl import check_capacity, desired_config, load_taps, save_taps, wait_app
+    from orch.control.tapctl import check_capacity, desired_config, load_taps, save_taps, wait_app
     from orch.tapspec import TapSpec
 
     taps = load_taps(root)
@@ -109,7 +109,7 @@ def _change_tap(root: Path, args: argparse.Namespace, record: dict[str, Any]) ->
             k: v for k, v in (("min_replicas", args.min_replicas), ("max_replicas", args.max_replicas)) if v is not None
         }
         spec = load_args(TapSpec, old.model_dump() | update, where="tap")
-        from orch.tapctl import groups_by_app
+        from orch.control.tapctl import groups_by_app
 
         held = len([g for g in groups_by_app().get(name, []) if g["state"] == "CREATED"])
     try:

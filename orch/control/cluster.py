@@ -1,6 +1,6 @@
 """The local Ray head that ``llama-orch up`` starts, owns and stops.
 
-The head runs in a daemon process of ours (``python -m orch.cluster``) that holds a
+The head runs in a daemon process of ours (``python -m orch.control.cluster``) that holds a
 ``ray.init(address="local")`` driver: SIGTERM to it shuts down exactly that cluster, nothing else
 (never ``ray stop``, which kills every Ray on the machine). Its address lives in a state file.
 Also here, shared by the CLI's commands: connecting a driver, deploying a Serve config, and the
@@ -92,7 +92,7 @@ def start_head(data_dir: Path, *, num_cpus: int, num_gpus: int, timeout_s: float
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(_auth_token(data_dir)),
     }
-    cmd = [sys.executable, "-m", "orch.cluster", "--state", str(path), "--num-cpus", str(num_cpus),
+    cmd = [sys.executable, "-m", "orch.control.cluster", "--state", str(path), "--num-cpus", str(num_cpus),
            "--num-gpus", str(num_gpus)]  # fmt: skip
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
