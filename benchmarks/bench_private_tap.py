@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import yaml
 
-from benchmarks.bench_gateway import free_port
+from benchmarks.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE = ["--engine=max_model_len=512", "--engine=max_num_seqs=8", "--engine=kv_cache_memory_bytes=67108864",
