@@ -17,7 +17,7 @@ from ray.serve.deployment import Application
 
 from apps.gateway import Gateway
 from apps.model_server import model_deployment
-from orch.config import AutoscalingConfig, ModelConfig, TapConfig, data_dir, load_args
+from orch.config import ModelConfig, TapConfig, data_dir, load_args
 from orch.tapspec import TapSpec
 
 
@@ -29,15 +29,7 @@ def tap_config(spec: TapSpec) -> TapConfig:
         engine=spec.engine,
         gpus=spec.gpus,
         num_cpus=spec.num_cpus,
-        autoscaling=AutoscalingConfig(
-            min_replicas=spec.min_replicas,
-            max_replicas=spec.max_replicas,
-            target_ongoing_requests=spec.target_ongoing_requests,
-            upscale_delay_s=spec.upscale_delay_s,
-            downscale_delay_s=spec.downscale_delay_s,
-            metrics_interval_s=spec.metrics_interval_s,
-            look_back_period_s=spec.look_back_period_s,
-        ),
+        autoscaling=spec.autoscaling,
     )
     return TapConfig(
         tap=spec.app_name(),

@@ -218,16 +218,17 @@ def _one_line(exc: ValidationError, where: str, model: type[BaseModel]) -> str:
 
 def _did_you_mean(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
     """Walks the models along ``loc`` to the parent of the unknown field and suggests a close field name."""
-    fields = model.model_fields
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
+        fields = model.model_fields
         annotation = fields[str(part)].annotation if str(part) in fields else None
         inner = next((a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)), annotation)
         if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
             return ""
-        fields = inner.model_fields
-    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+        model = inner
+    names = [*model.model_fields, *getattr(model, "FLAT_FIELDS", ())]  # a model may take nested fields flat
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

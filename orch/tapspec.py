@@ -8,20 +8,28 @@ way), while the group keeps its GPUs reserved: :func:`effective_tensor_parallel`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from orch.config import EngineConfig, StrictModel
+from orch.config import AutoscalingConfig, EngineConfig, StrictModel
 
 
 class TapSpec(StrictModel):
     """One client's private tap.
 
     >>> spec = TapSpec(client="acme", model="HuggingFaceTB/SmolLM2-135M-Instruct", gpus=2)
-    >>> spec.app_name(), spec.route_prefix(), spec.max_replicas
+    >>> spec.app_name(), spec.route_prefix(), spec.autoscaling.max_replicas
     ('private-acme', '/private/acme', 1)
+
+    Serve's autoscaling fields may also be given flat (``min_replicas=0``, ``--set downscale_delay_s=30``,
+    and taps.json files written before they were nested): they go into ``autoscaling``.
+
+    >>> TapSpec(client="a", model="m", gpus=1, min_replicas=0).autoscaling.min_replicas
+    0
     """
+
+    FLAT_FIELDS: ClassVar[tuple[str, ...]] = tuple(AutoscalingConfig.model_fields)  # taken flat too
 
     client: str = Field(
         pattern=r"^[a-z0-9][a-z0-9-]{0,39}$",
@@ -29,19 +37,16 @@ class TapSpec(StrictModel):
     )
     model: str = Field(min_length=1, description="Hugging Face model id or a local folder with the weights.")
     gpus: Literal[1, 2, 4, 8] = Field(description="GPUs in one replica's group, all on one node (STRICT_PACK).")
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas (GPU groups); 0 frees the GPUs when idle.")
-    max_replicas: int = Field(1, ge=1, description="Most replicas (GPU groups) the tap may hold at once.")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig,
+        description="Serve autoscaling of the tap's replicas (GPU groups); min_replicas 0 frees the GPUs when idle.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     openai_gateway: bool = Field(True, description="Serve the OpenAI-compatible routes in front of the model.")
     billing: Literal["contract", "credits"] = Field(
         "contract", description="'contract': usage is recorded, not charged; 'credits': requests hold and debit."
     )
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs one replica reserves, in its group's first bundle.")
-    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica autoscaling aims for.")
-    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds of sustained load before adding a replica.")
-    downscale_delay_s: float = Field(60.0, ge=0, description="Seconds of low load before removing a replica.")
-    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report their load.")
-    look_back_period_s: float = Field(30.0, gt=0, description="Seconds of load averaged per scaling decision.")
     served_name: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
@@ -56,11 +61,18 @@ class TapSpec(StrictModel):
         "fills it from the stack's config; unset means 1.",
     )
 
-    @model_validator(mode="after")
-    def _ordered(self) -> TapSpec:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must be <= max_replicas")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_autoscaling(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in cls.FLAT_FIELDS if k in data}
+        if not flat:
+            return data
+        nested = data.get("autoscaling") or {}
+        if isinstance(nested, AutoscalingConfig):
+            nested = nested.model_dump(exclude_unset=True)
+        return {k: v for k, v in data.items() if k not in flat} | {"autoscaling": {**nested, **flat}}
 
     def app_name(self) -> str:
         """The Serve application name, ``private-<client>``."""

@@ -119,8 +119,10 @@ def _change_tap(root: Path, args: argparse.Namespace, record: dict[str, Any]) ->
     if note:
         print(f"tap {args.client}: {note}", file=sys.stderr, flush=True)
     taps[args.client] = {
-        "spec": spec.model_copy(update={"max_replicas": max_replicas}).model_dump(mode="json"),
-        "asked_max_replicas": spec.max_replicas,
+        "spec": spec.model_copy(
+            update={"autoscaling": spec.autoscaling.model_copy(update={"max_replicas": max_replicas})}
+        ).model_dump(mode="json"),
+        "asked_max_replicas": spec.autoscaling.max_replicas,
     }
     previous = load_taps(root)
     save_taps(root, taps)
@@ -135,7 +137,9 @@ def _change_tap(root: Path, args: argparse.Namespace, record: dict[str, Any]) ->
                 wait_app(name, 120, gone=True)
         raise
     where = f"{record['base_url']}{spec.route_prefix()}/v1" if spec.openai_gateway else "in-cluster handle only"
-    print(f"tap {name}: {spec.gpus} GPUs per replica, replicas {spec.min_replicas}..{max_replicas}, {where}")
+    print(
+        f"tap {name}: {spec.gpus} GPUs per replica, replicas {spec.autoscaling.min_replicas}..{max_replicas}, {where}"
+    )
     if args.action == "create" and spec.openai_gateway:
         client = AdminClient(record["base_url"], admin_key(root))
         body = {"name": args.client, "idempotency_key": f"tap-{args.client}"}

@@ -95,16 +95,16 @@ def check_capacity(spec: TapSpec, capacity: Capacity, held_by_tap: int = 0) -> t
     least one) groups don't fit; else returns the ``max_replicas`` to deploy, clamped to what fits, with a
     note when clamped. ``held_by_tap`` is how many groups the tap already holds (a scale keeps them)."""
     fit = capacity.max_replicas_that_fit(spec.gpus) + held_by_tap
-    need = max(1, spec.min_replicas)
+    need = max(1, spec.autoscaling.min_replicas)
     if fit < need:
         if need == 1 or capacity.max_replicas_that_fit(spec.gpus) == 0:
             raise InsufficientGPUs(capacity.shortfall_message(spec.gpus))
         raise InsufficientGPUs(
             f"needs {need} groups of {gpus(spec.gpus)}, {fit} fit ({capacity.free} free of {capacity.total})"
         )
-    if spec.max_replicas <= fit:
-        return spec.max_replicas, None
-    return fit, f"max_replicas {spec.max_replicas} -> {fit}: only {fit} groups of {gpus(spec.gpus)} fit now"
+    if spec.autoscaling.max_replicas <= fit:
+        return spec.autoscaling.max_replicas, None
+    return fit, f"max_replicas {spec.autoscaling.max_replicas} -> {fit}: only {fit} groups of {gpus(spec.gpus)} fit now"
 
 
 def wait_app(name: str, timeout_s: float, *, gone: bool = False) -> None:

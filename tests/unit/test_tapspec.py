@@ -18,7 +18,7 @@ def spec(**fields: object) -> TapSpec:
 
 def test_defaults_serve_one_replica_under_contract() -> None:
     tap = spec()
-    assert (tap.min_replicas, tap.max_replicas, tap.num_cpus) == (1, 1, 1.0)
+    assert (tap.autoscaling.min_replicas, tap.autoscaling.max_replicas, tap.num_cpus) == (1, 1, 1.0)
     assert tap.openai_gateway is True and tap.billing == "contract"
     assert tap.engine == EngineConfig()
 
@@ -51,7 +51,7 @@ def test_min_replicas_above_max_is_refused() -> None:
 
 
 def test_scale_to_zero_is_allowed_but_max_is_at_least_one() -> None:
-    assert spec(min_replicas=0).min_replicas == 0
+    assert spec(min_replicas=0).autoscaling.min_replicas == 0
     with pytest.raises(ValidationError, match="max_replicas"):
         spec(min_replicas=0, max_replicas=0)
 
@@ -105,3 +105,13 @@ def test_ledger_shards_is_optional_and_bounded() -> None:
     assert spec(ledger_shards=4).ledger_shards == 4
     with pytest.raises(ValidationError):
         spec(ledger_shards=0)
+
+
+def test_a_taps_json_entry_written_with_flat_autoscaling_fields_still_loads() -> None:
+    old = {"client": "acme", "model": "m", "gpus": 2, "min_replicas": 0, "max_replicas": 3, "downscale_delay_s": 5.0}
+    tap = TapSpec.model_validate(old)
+    assert (tap.autoscaling.min_replicas, tap.autoscaling.max_replicas, tap.autoscaling.downscale_delay_s) == (0, 3, 5)
+    assert TapSpec.model_validate(tap.model_dump(mode="json")) == tap  # written back nested, read the same
+    scaled = TapSpec.model_validate(tap.model_dump() | {"max_replicas": 1, "min_replicas": 1})  # `tap scale`
+    assert (scaled.autoscaling.min_replicas, scaled.autoscaling.max_replicas) == (1, 1)
+    assert scaled.autoscaling.downscale_delay_s == 5
