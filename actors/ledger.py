@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
-from orch.lease import Renewal, Renewed, apply_renewal
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
+from orch.renewal import Renewal, Renewed, apply_renewal
 from orch.store import ApiKeyRecord, Batch, Store, UsageReport, UsageRow
 
 log = logging.getLogger(__name__)

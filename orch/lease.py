@@ -5,7 +5,7 @@ A replica holds, per active tenant, a *lease*: one hold in the tenant's ledger, 
 request uses it. A request is admitted when its worst-case cost fits the lease's free part, with no
 await; when it ends, its exact cost and usage row join the lease's next batch. Within
 :attr:`LeaseSettings.flush_s` of a request's end (or at ``flush_rows`` rows) the batch goes to the
-ledger as one *renewal*, applied by :func:`apply_renewal` in one ledger transaction: a Settle of the
+ledger as one *renewal*, applied by :func:`orch.renewal.apply_renewal` in one ledger transaction: a Settle of the
 current lease hold for the batch's cost, with the batch's usage rows, then a Hold of the next lease
 hold. The next hold is sized from the tenant's recent demand (reservations asked for over
 ``horizon_s``) on top of the requests still running, bounded by the balance; a lease whose free part
@@ -33,96 +33,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
-from orch.ledger import Code, Hold, Ledger, Op, Result, Settle
+from orch.ledger import Settle
+from orch.renewal import Renewal, Renewed, fit_usage
 from orch.store import UsageRow
 
 log = logging.getLogger("ray.serve")
-
-
-# ---- the ledger's side: one renewal, applied at one instant ----
-
-
-class Renewal(NamedTuple):
-    """Closes a lease hold with the cost of a batch (``settle`` with its ``usage`` rows, Σ cost equal to
-    the settle) and opens the next one (``hold_id``) of the first of ``amounts`` the balance can take;
-    when none fits, of what is free up to ``floor`` (what requests still running reserved: a lease
-    whose old hold had expired). ``hold_id`` None returns the lease."""
-
-    tenant_id: str
-    settle: Settle | None
-    usage: tuple[UsageRow, ...]
-    hold_id: str | None
-    amounts: tuple[int, ...]  # largest first
-    floor: int
-    timeout_s: int
-
-
-class Renewed(NamedTuple):
-    settled: Result | None
-    hold: Result | None  # OK (or EXISTS on a retry) with the hold's micro_credits and expires_at; else refused
-
-
-Committed = list[tuple[Op, Result, tuple[UsageRow, ...]]]
-
-
-def apply_renewal(ledger: Ledger, renewal: Renewal) -> tuple[Renewed, Committed]:
-    """Applies ``renewal`` to ``ledger`` with no await in between (no other op runs between its Settle
-    and its Hold, so the credit the Settle frees is there for the Hold). Returns the answer and what to
-    commit: each OK op with the usage rows that belong in its transaction. A retried renewal (same op ids)
-    gets the first results and commits nothing again."""
-    if renewal.settle is not None and sum(u.cost_micro for u in renewal.usage) != renewal.settle.micro_credits:
-        raise ValueError(f"usage rows of {renewal.settle.op_id} do not add up to its settle")
-    done: Committed = []
-    settled = None
-    if renewal.settle is not None:
-        settled = ledger.apply(renewal.settle)
-        if settled.code is Code.OK:
-            done.append((renewal.settle, settled, fit_usage(renewal.usage, settled.micro_credits)))
-        elif not settled.ok:
-            log.error("lease settle %s refused (%s): its usage is lost", renewal.settle.op_id, settled.code.value)
-    hold = None
-    if renewal.hold_id is not None:
-        hold = ledger.result_of(renewal.hold_id)
-        amounts = [a for a in renewal.amounts if a > 0]
-        if hold is None and amounts:
-            for amount in amounts:
-                op = Hold(renewal.hold_id, renewal.tenant_id, amount, renewal.timeout_s)
-                hold = ledger.apply(op)
-                if hold.code is Code.INSUFFICIENT_CREDITS and amount == amounts[-1]:
-                    short = min(renewal.floor, hold.available)  # cover what runs as far as the balance goes
-                    if short > 0:
-                        op = op._replace(micro_credits=short)
-                        hold = ledger.apply(op)
-                if hold.code is not Code.INSUFFICIENT_CREDITS:
-                    break
-            if hold is not None and hold.code is Code.OK:
-                done.append((op, hold, ()))
-    return Renewed(settled, hold), done
-
-
-def fit_usage(rows: tuple[UsageRow, ...], debited: int) -> tuple[UsageRow, ...]:
-    """The rows with their costs cut, last first, to add up to ``debited`` (a late settle debits only
-    what the balance still had), so Σ usage cost stays Σ debits.
-
-    >>> from datetime import UTC, datetime
-    >>> row = UsageRow("r", datetime.now(UTC), "t", "k", "public", "m", 1, 1, 5, None, 1, "ok", "stop")
-    >>> [r.cost_micro for r in fit_usage((row, row._replace(cost_micro=7)), 9)]
-    [5, 4]
-    """
-    over = sum(r.cost_micro for r in rows) - debited
-    out = list(rows)
-    for i in range(len(out) - 1, -1, -1):
-        if over <= 0:
-            break
-        cut = min(over, out[i].cost_micro)
-        out[i] = out[i]._replace(cost_micro=out[i].cost_micro - cut)
-        over -= cut
-    return tuple(out)
-
-
-# ---- the replica's side ----
 
 
 class LeaseLedger(Protocol):
@@ -139,6 +56,7 @@ class LeaseSettings:
     idle_s: float = 2.0  # a lease unused this long is returned
     horizon_s: float = 2.0  # a lease covers the reservations asked for over about this long
     min_requests: int = 4  # and at least this many more of the last request's size
+    peak_window_s: float = 30.0  # and at least the most reserved at once within this long
     retry_s: float = 0.5  # after a failed renewal
     top_up_every_s: float = 0.5  # a lease running low is topped up at most this often
 
@@ -171,6 +89,8 @@ class Lease:
     demand: float = 0.0  # reservations asked for, decayed over the horizon
     demand_at: float = 0.0
     last_need: int = 0
+    peak: int = 0  # the most reserved at once (running + asked) within the last ``peak_window_s``
+    peak_at: float = 0.0
     short: bool = False  # its last renewal got less than it asked for: the balance is the limit
     out: Renewal | None = None  # a renewal sent and not answered: retried as it is
     out_at: float = 0.0  # when it was first sent: its hold expires no earlier than ttl_s after
@@ -283,6 +203,10 @@ class Leases:
         lease.demand = lease.demand * decay + need
         lease.demand_at = now
         lease.last_need = need
+        asked = lease.in_flight + need
+        if asked >= lease.peak or now - lease.peak_at > self.settings.peak_window_s:
+            lease.peak, lease.peak_at = asked, now
+        lease.last_used = now  # asked for: not idle, even before it holds anything
 
     # ---- flushing, renewing, returning ----
 
@@ -328,14 +252,16 @@ class Leases:
 
     def _want(self, lease: Lease, need: int, now: float) -> int:
         """What the next lease hold should be: the running reservations and as many more as the tenant's
-        recent demand, at least ``min_requests`` requests of the last one's size."""
+        recent demand, at least ``min_requests`` requests of the last one's size, and at least its recent
+        peak (waves of requests, e.g. clients in lock step, then find the lease as large as the last wave)."""
         decay = math.exp(-(now - lease.demand_at) / self.settings.horizon_s)
         least = max(need, lease.last_need) * self.settings.min_requests
-        return lease.in_flight + max(least, math.ceil(lease.demand * decay))
+        return max(lease.in_flight + max(least, math.ceil(lease.demand * decay)), lease.peak + need)
 
     def _renew(self, lease: Lease, need: int = 0, *, give_back: bool = False) -> asyncio.Task[None]:
-        lease.renewing = asyncio.ensure_future(self._renew_now(lease, need, give_back))
-        return lease.renewing
+        task = lease.renewing = asyncio.ensure_future(self._renew_now(lease, need, give_back))
+        task.add_done_callback(_seen)  # a failure is logged and retried; nobody need await it
+        return task
 
     def _next(self, lease: Lease, need: int, give_back: bool, now: float) -> Renewal:
         """The renewal that settles the lease's waiting batch and opens its next hold (none: ``give_back``)."""
@@ -413,3 +339,8 @@ class Leases:
         if left:
             log.error("%d leases not returned at shutdown: their holds expire in %d s", left, self.settings.ttl_s)
         return left
+
+
+def _seen(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

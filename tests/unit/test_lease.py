@@ -14,9 +14,10 @@ import pytest
 from actors.ledger import LedgerUnavailable
 from orch.billing import Principal
 from orch.engine import Delta
-from orch.lease import Lease, Leases, LeaseSettings, Renewal, Renewed, apply_renewal
+from orch.lease import Lease, Leases, LeaseSettings
 from orch.ledger import Code, CreateTenant, ExpireHolds, GrantCredits, Hold, Ledger, Op, Price, Result, Settle
 from orch.metering import Meter, Settler
+from orch.renewal import Renewal, Renewed, apply_renewal
 from orch.store import UsageRow
 
 T = "t-1"
@@ -304,3 +305,27 @@ def test_a_lease_taken_again_after_its_return_never_reuses_a_hold_id() -> None:
 
     asyncio.run(scenario())
     ledger.check(501)
+
+
+def test_a_lease_keeps_the_size_of_the_last_wave_so_the_next_one_needs_no_round_trip() -> None:
+    ledger = FakeLeaseLedger(100_000)
+    leases = Leases(ledger, "public", FAST)
+
+    async def wave(tag: str) -> int:
+        calls = len(ledger.calls)
+        running = [await leases.admit(T, 100) for _ in range(32)]
+        assert all(lease is not None for lease in running)
+        for i, lease in enumerate(running):
+            assert lease is not None
+            leases.finish(lease, 100, 10, row(f"{tag}{i}"))
+        return len(ledger.calls) - calls
+
+    async def scenario() -> None:
+        assert await wave("a") >= 2  # the first wave grows the lease as it comes
+        await asyncio.sleep(FAST.flush_s * 5)  # its batch settles; the lease stays as large as the wave
+        assert await wave("b") == 0
+        await asyncio.sleep(FAST.idle_s * 3)
+
+    asyncio.run(scenario())
+    assert ledger.account().held == 0 and len(ledger.rows) == 64
+    ledger.check(100_000)

@@ -1,0 +1,90 @@
+"""A credit lease's renewal (``orch.lease``), as the ledger applies it: one Settle of the lease hold with its
+batch's usage rows and one Hold of the next lease hold, at one instant (no other op in between)."""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+from orch.ledger import Code, Hold, Ledger, Op, Result, Settle
+from orch.store import UsageRow
+
+log = logging.getLogger(__name__)
+
+
+class Renewal(NamedTuple):
+    """Closes a lease hold with the cost of a batch (``settle`` with its ``usage`` rows, Σ cost equal to
+    the settle) and opens the next one (``hold_id``) of the first of ``amounts`` the balance can take;
+    when none fits, of what is free up to ``floor`` (what requests still running reserved: a lease
+    whose old hold had expired). ``hold_id`` None returns the lease."""
+
+    tenant_id: str
+    settle: Settle | None
+    usage: tuple[UsageRow, ...]
+    hold_id: str | None
+    amounts: tuple[int, ...]  # largest first
+    floor: int
+    timeout_s: int
+
+
+class Renewed(NamedTuple):
+    settled: Result | None
+    hold: Result | None  # OK (or EXISTS on a retry) with the hold's micro_credits and expires_at; else refused
+
+
+Committed = list[tuple[Op, Result, tuple[UsageRow, ...]]]
+
+
+def apply_renewal(ledger: Ledger, renewal: Renewal) -> tuple[Renewed, Committed]:
+    """Applies ``renewal`` to ``ledger`` with no await in between (no other op runs between its Settle
+    and its Hold, so the credit the Settle frees is there for the Hold). Returns the answer and what to
+    commit: each OK op with the usage rows that belong in its transaction. A retried renewal (same op ids)
+    gets the first results and commits nothing again."""
+    if renewal.settle is not None and sum(u.cost_micro for u in renewal.usage) != renewal.settle.micro_credits:
+        raise ValueError(f"usage rows of {renewal.settle.op_id} do not add up to its settle")
+    done: Committed = []
+    settled = None
+    if renewal.settle is not None:
+        settled = ledger.apply(renewal.settle)
+        if settled.code is Code.OK:
+            done.append((renewal.settle, settled, fit_usage(renewal.usage, settled.micro_credits)))
+        elif not settled.ok:
+            log.error("lease settle %s refused (%s): its usage is lost", renewal.settle.op_id, settled.code.value)
+    hold = None
+    if renewal.hold_id is not None:
+        hold = ledger.result_of(renewal.hold_id)
+        amounts = [a for a in renewal.amounts if a > 0]
+        if hold is None and amounts:
+            for amount in amounts:
+                op = Hold(renewal.hold_id, renewal.tenant_id, amount, renewal.timeout_s)
+                hold = ledger.apply(op)
+                if hold.code is Code.INSUFFICIENT_CREDITS and amount == amounts[-1]:
+                    short = min(renewal.floor, hold.available)  # cover what runs as far as the balance goes
+                    if short > 0:
+                        op = op._replace(micro_credits=short)
+                        hold = ledger.apply(op)
+                if hold.code is not Code.INSUFFICIENT_CREDITS:
+                    break
+            if hold is not None and hold.code is Code.OK:
+                done.append((op, hold, ()))
+    return Renewed(settled, hold), done
+
+
+def fit_usage(rows: tuple[UsageRow, ...], debited: int) -> tuple[UsageRow, ...]:
+    """The rows with their costs cut, last first, to add up to ``debited`` (a late settle debits only
+    what the balance still had), so Σ usage cost stays Σ debits.
+
+    >>> from datetime import UTC, datetime
+    >>> row = UsageRow("r", datetime.now(UTC), "t", "k", "public", "m", 1, 1, 5, None, 1, "ok", "stop")
+    >>> [r.cost_micro for r in fit_usage((row, row._replace(cost_micro=7)), 9)]
+    [5, 4]
+    """
+    over = sum(r.cost_micro for r in rows) - debited
+    out = list(rows)
+    for i in range(len(out) - 1, -1, -1):
+        if over <= 0:
+            break
+        cut = min(over, out[i].cost_micro)
+        out[i] = out[i]._replace(cost_micro=out[i].cost_micro - cut)
+        over -= cut
+    return tuple(out)
