@@ -197,13 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         "orch.models.default_engine_dtype() picks: float32 on CPUs without AVX512-BF16), 'config', or a dtype",
     )
     parser.add_argument(
-        "--only", choices=("bare", "serve-llm", "gateway", "holds", "no-hold"), help="run one phase (debugging)"
+        "--only",
+        nargs="+",
+        choices=("bare", "serve-llm", "gateway", "holds", "no-hold"),
+        help="run only these phases (bare first); the closing bare run is skipped",
+    )
+    parser.add_argument(
+        "--stream-interval", type=int, help="tokens per streamed chunk after the first, for every server (vLLM's)"
     )
     args = parser.parse_args(argv)
 
     from orch.models import materialise_default_model
 
     model = with_dtype(first_model(args.config), args.dtype)
+    if args.stream_interval is not None:
+        model = model.model_copy(update={"stream_interval": args.stream_interval})
     model_dir = materialise_default_model() if model.source in ("default", model.name) else Path(model.source)
     spec_args: dict[str, Any] = {
         "clients": args.clients,
@@ -217,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     phases: dict[str, dict[str, Any]] = {}
     run = Run(spec_args, args.single_requests, log_dir, args.startup_timeout)
-    if args.only in (None, "bare"):
+    only = set(args.only or ("bare", "serve-llm", "gateway", "holds", "no-hold"))
+    if "bare" in only:
         phases[BARE] = run_bare(BARE, model, model_dir, run)
-    if args.only in (None, "serve-llm"):
+    if "serve-llm" in only:
         phases[SERVE_LLM] = run_serve_llm(model, model_dir, run)
-    for label, only in ((NO_HOLD, "no-hold"), (HOLDS, "holds"), (GATEWAY, "gateway")):
-        if args.only in (None, only):
+    for label, name in ((NO_HOLD, "no-hold"), (HOLDS, "holds"), (GATEWAY, "gateway")):
+        if name in only:
             phases[label] = run_gateway(label, TAP_ARGS[label], model, model_dir, args.config, run)
     if args.only is None:
         phases[BARE_LAST] = run_bare(BARE_LAST, model, model_dir, run)

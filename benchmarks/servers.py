@@ -231,6 +231,8 @@ def gateway_config(
             if entry.get("name") == model.name:
                 entry["source"] = str(model_dir)  # same weights as the bare server, no second conversion
                 entry.setdefault("engine", {})["dtype"] = model.engine.dtype
+                if model.stream_interval is not None:
+                    entry["stream_interval"] = model.stream_interval
     out.write_text(yaml.safe_dump(config, sort_keys=False))
     return out
 
