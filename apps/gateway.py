@@ -246,7 +246,8 @@ class Gateway:
         except Exception as exc:
             raise EngineUnavailable(f"unhealthy: {type(exc).__name__}", code="unhealthy") from None
         keys = {"lookups": self._keys.lookups, "refused": self._keys.refused}
-        return JSONResponse({"status": "ok", "models": list(self._models), "key_cache": keys})
+        replica = serve.get_replica_context().replica_id.unique_id  # which gateway replica answered
+        return JSONResponse({"status": "ok", "models": list(self._models), "replica": replica, "key_cache": keys})
 
     def _handle(self, model: str) -> DeploymentHandle:
         handle = self._models.get(model)

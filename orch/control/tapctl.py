@@ -166,11 +166,13 @@ def list_text(taps: dict[str, dict[str, Any]]) -> str:
         held = [g for g in groups.get(name, []) if g["state"] == "CREATED"]
         reserved = sum(g["gpus"] for g in held)
         nodes = ", ".join(sorted({g["node_id"][:12] for g in held})) or "-"
+        scaling = TapSpec.model_validate(spec).autoscaling if spec else None
+        least, most = (scaling.min_replicas, scaling.max_replicas) if scaling else ("?", "?")
         asked = entry.get("asked_max_replicas")
-        cap_note = f" (asked {asked}; capped by capacity)" if asked and asked != spec.get("max_replicas") else ""
+        cap_note = f" (asked {asked}; capped by capacity)" if asked and asked != most else ""
         lines.append(
             f"{name}: {status}, {gpus(spec['gpus']) if 'gpus' in spec else '? GPUs'} per replica, replicas {len(held)} "
-            f"(min {spec.get('min_replicas', '?')}, max {spec.get('max_replicas', '?')}{cap_note}), "
+            f"(min {least}, max {most}{cap_note}), "
             f"{reserved} GPUs reserved on node {nodes}, model {spec.get('model', '?')}"
         )
     for node in capacity.nodes:

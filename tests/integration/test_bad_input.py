@@ -17,7 +17,7 @@ import yaml
 
 from orch.billing import MissBudget
 from orch.keys import generate_key
-from tests.integration.conftest import MODEL, Stack
+from tests.integration.conftest import GATEWAY_REPLICAS, MODEL, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -131,28 +131,38 @@ def test_a_lone_surrogate_under_contract_billing_is_a_400_naming_messages(stack:
     assert refused(resp, 400, "messages")["code"] == "invalid_unicode"
 
 
-def key_cache(stack: Stack) -> dict[str, int]:
-    health = httpx.get(stack.base_url + "/health", timeout=60)
-    assert health.status_code == 200, health.text
-    counts: dict[str, int] = health.json()["key_cache"]
-    return counts
+def key_caches(stack: Stack) -> dict[str, dict[str, int]]:
+    """Each gateway replica's key-cache counters, by replica (``/health`` answers from whichever one Serve picks)."""
+    seen: dict[str, dict[str, int]] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < GATEWAY_REPLICAS and time.monotonic() < deadline:
+        health = httpx.get(stack.base_url + "/health", timeout=60)
+        assert health.status_code == 200, health.text
+        seen[health.json()["replica"]] = health.json()["key_cache"]
+    assert len(seen) == GATEWAY_REPLICAS, seen
+    return seen
 
 
 def test_a_flood_of_random_keys_from_one_client_costs_the_ledger_at_most_its_budget(stack: Stack) -> None:
+    """The budget is per client and per gateway replica: N replicas may look up N budgets' worth."""
     budget = MissBudget()
-    before = key_cache(stack)
+    before = key_caches(stack)
     started = time.monotonic()
     with httpx.Client(base_url=stack.v1, timeout=60) as client:
         for _ in range(300):
             resp = client.get("/models", headers={"Authorization": f"Bearer {generate_key()[1]}"})
             assert refused(resp, 401, None)["code"] == "invalid_api_key"
     elapsed = time.monotonic() - started
-    after = key_cache(stack)
-    looked_up = after["lookups"] - before["lookups"]
+    after = key_caches(stack)
+
+    def total(counter: str) -> int:
+        return sum(after[r][counter] - before[r][counter] for r in after)
+
+    looked_up = total("lookups")
     # The bucket refills while the flood runs: burst + rate × its duration (+1 for a refill in flight).
-    allowed = budget.burst + math.ceil(budget.per_s * elapsed) + 1
+    allowed = GATEWAY_REPLICAS * (budget.burst + math.ceil(budget.per_s * elapsed) + 1)
     assert looked_up <= allowed, (looked_up, allowed)
-    assert after["refused"] - before["refused"] >= 300 - looked_up
+    assert total("refused") >= 300 - looked_up
     time.sleep(budget.burst / budget.per_s)  # let this client's budget refill for the tests after this one
 
 
