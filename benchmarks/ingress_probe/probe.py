@@ -32,7 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from probe_ports import probe_env  # this folder: run as a script (see above)
+
 HERE = Path(__file__).resolve().parent
+
 MODE = sys.argv[1] if len(sys.argv) > 1 else "default"
 N = int(os.environ.get("PROBE_N", "300"))
 WARM = 30
@@ -42,20 +45,7 @@ TMP.mkdir(parents=True, exist_ok=True)
 HAP_DIR = TMP / "hap"
 
 env = {
-    # Keep every port/path of ours away from Serve defaults (another stack may run here).
-    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "32100",
-    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "32200",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "42100",
-    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "42200",
-    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "18500",
-    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "19500",
-    "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
-    "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
-    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(HAP_DIR / "haproxy.cfg"),
-    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(HAP_DIR / "admin.sock"),
-    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(HAP_DIR),
-    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(HAP_DIR / "server-state"),
-    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(HAP_DIR / "metrics.sock"),
+    **probe_env(HAP_DIR),
     # Direct-ingress replicas stay up >= this long when stopped (default 30 s, for external LBs
     # to deregister them); shortened so serve.shutdown() doesn't dominate the run. PROBE_DRAIN=default keeps 30.
     "PROBE_EVENTS": str(TMP / f"events-{MODE}.jsonl"),

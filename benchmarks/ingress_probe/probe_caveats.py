@@ -25,25 +25,16 @@ import sys
 import time
 from pathlib import Path
 
+from probe_ports import probe_env  # this folder: run as a script (see above)
+
 HERE = Path(__file__).resolve().parent
+
 CASE = sys.argv[1]
 PORT = 18000
 TMP = Path("/tmp/ingress_probe")
 HAP_DIR = TMP / "hap"
 env = {
-    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "32100",
-    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "32200",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "42100",
-    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "42200",
-    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "18500",
-    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "19500",
-    "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
-    "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
-    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(HAP_DIR / "haproxy.cfg"),
-    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(HAP_DIR / "admin.sock"),
-    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(HAP_DIR),
-    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(HAP_DIR / "server-state"),
-    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(HAP_DIR / "metrics.sock"),
+    **probe_env(HAP_DIR),
     "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
 }
 controller_env: dict[str, str] = {}
