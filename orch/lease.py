@@ -112,7 +112,7 @@ class Leases:
 
     >>> leases = Leases(ledger_client, "public")  # doctest: +SKIP
     >>> lease = await leases.admit(tenant_id, worst_case)  # None: fall back to a direct hold  # doctest: +SKIP
-    >>> leases.finish(lease, worst_case, cost, usage_row)  # doctest: +SKIP
+    >>> leases.finish(lease, worst_case, usage_row)  # its cost_micro is what it is charged  # doctest: +SKIP
     """
 
     def __init__(
@@ -131,9 +131,6 @@ class Leases:
         self._seq = itertools.count(1)
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(self._leases.values()))
 
     # ---- the request path ----
 
@@ -180,9 +177,10 @@ class Leases:
         lease = self._leases.get(tenant_id)
         return max(0, lease.free) if lease is not None and lease.hold_id is not None else 0
 
-    def finish(self, lease: Lease, reserved: int, charge: int, row: UsageRow) -> None:
-        """A request admitted on ``lease`` ended: its reservation is freed, its cost (<= ``reserved``)
-        and usage row join the next batch."""
+    def finish(self, lease: Lease, reserved: int, row: UsageRow) -> None:
+        """A request admitted on ``lease`` ended: its reservation is freed, its usage row (its cost,
+        ``row.cost_micro`` <= ``reserved``) joins the next batch."""
+        charge = row.cost_micro
         if charge > reserved:
             raise ValueError(f"cost {charge} over its reservation {reserved}")
         now = self._clock()
@@ -193,7 +191,7 @@ class Leases:
         if not lease.rows:
             lease.first_row_at = now
         lease.unflushed += charge
-        lease.rows.append(row._replace(cost_micro=charge))
+        lease.rows.append(row)
         lease.last_used = now
         if len(lease.rows) >= self.settings.flush_rows and lease.renewing is None:
             self._renew(lease)

@@ -110,8 +110,8 @@ class Settler:
         """Charges the tokens the engine reported and writes the usage row. Idempotent per request."""
         if meter.settled is None:
             if meter.lease is not None and self._leases is not None:
-                charge, row = self._usage(meter, status)
-                self._leases.finish(meter.lease, meter.held, charge, row)
+                _, row = self._usage(meter, status)
+                self._leases.finish(meter.lease, meter.held, row)
                 meter.settled = asyncio.get_running_loop().create_future()
                 meter.settled.set_result(None)  # nothing to wait for on the request path
             else:

@@ -110,8 +110,8 @@ def test_finished_requests_settle_in_one_batch_with_their_usage_rows() -> None:
     async def scenario() -> None:
         lease = await leases.admit(T, 100)
         assert lease is not None and leases.try_admit(T, 100) is lease
-        leases.finish(lease, 100, 30, row("a"))
-        leases.finish(lease, 100, 45, row("b"))
+        leases.finish(lease, 100, row("a", 30))
+        leases.finish(lease, 100, row("b", 45))
         lease.check()
         await settle_soon(leases)
         settles = [c.settle for c in ledger.calls if c.settle is not None]
@@ -142,7 +142,7 @@ def test_a_storm_never_overspends_and_every_cost_is_a_usage_row() -> None:
         lease.check()
         assert ledger.account().balance >= 0
         await asyncio.sleep(rng.random() * 0.02)
-        leases.finish(lease, 100, rng.randrange(0, 101), row(f"r{i}"))
+        leases.finish(lease, 100, row(f"r{i}", rng.randrange(0, 101)))
 
     async def scenario() -> None:
         await asyncio.gather(*(one(i) for i in range(300)))
@@ -169,7 +169,7 @@ def test_a_lease_grows_with_demand_and_falls_back_when_the_balance_cannot() -> N
         assert await leases.admit(T, 200) is None  # 900 running + 200 > 1000: a direct hold would say 402
         assert leases.free(T) == lease.held - 900
         for i in range(9):
-            leases.finish(lease, 100, 10, row(f"r{i}"))
+            leases.finish(lease, 100, row(f"r{i}", 10))
         lease.check()
 
     asyncio.run(scenario())
@@ -183,7 +183,7 @@ def test_a_failed_renewal_is_retried_with_the_same_ops_and_charges_once() -> Non
         lease = await leases.admit(T, 100)
         assert lease is not None
         ledger.fail, ledger.lose_reply = 2, True  # applied, but the answers never came back
-        leases.finish(lease, 100, 60, row("a"))
+        leases.finish(lease, 100, row("a", 60))
         await asyncio.sleep(0.3)
         assert ledger.fail == 0
         sent = [c for c in ledger.calls if c.usage]
@@ -235,7 +235,7 @@ def test_close_settles_and_returns_every_lease() -> None:
     async def scenario() -> int:
         lease = await leases.admit(T, 100)
         assert lease is not None
-        leases.finish(lease, 100, 42, row("a"))
+        leases.finish(lease, 100, row("a", 42))
         left = await leases.close(timeout_s=5)
         assert await leases.admit(T, 100) is None  # closed: requests take direct holds
         return left
@@ -295,7 +295,7 @@ def test_a_lease_taken_again_after_its_return_never_reuses_a_hold_id() -> None:
     async def scenario() -> None:
         lease = await leases.admit(T, 500)
         assert lease is not None
-        leases.finish(lease, 500, 100, row("a"))
+        leases.finish(lease, 500, row("a", 100))
         await asyncio.sleep(FAST.idle_s * 3)  # returned
         assert ledger.account().held == 0
         assert await leases.admit(T, 500) is None  # 401 left: a direct hold says 402
@@ -317,7 +317,7 @@ def test_a_lease_keeps_the_size_of_the_last_wave_so_the_next_one_needs_no_round_
         assert all(lease is not None for lease in running)
         for i, lease in enumerate(running):
             assert lease is not None
-            leases.finish(lease, 100, 10, row(f"{tag}{i}"))
+            leases.finish(lease, 100, row(f"{tag}{i}", 10))
         return len(ledger.calls) - calls
 
     async def scenario() -> None:
