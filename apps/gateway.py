@@ -28,12 +28,13 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from actors.ledger import LedgerClient, LedgerUnavailable
 from apps.admin_api import AccountAPI
+from apps.model_port import HandleModel, ModelPort, ModelStream
 from orch.billing import KeyCache, Principal, PromptLimits, bearer_token, hold_amount, prompt_token_bound
 from orch.config import TapConfig, data_dir
 from orch.engine import Delta, GenerationRequest
@@ -139,16 +140,15 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="request_too_large")
 
 
-@serve.deployment(
-    logging_config={"enable_access_log": False}, graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S + 10
-)  # fmt: skip
-class Gateway:
-    async def __init__(self, models: dict[str, DeploymentHandle], config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits an async constructor
+class OpenAIFront:
+    """The routes, admission, streaming and settling of a tap, over its models (each a :class:`ModelPort`).
+    Serve hosts it as the :class:`Gateway` deployment (models behind handles) or inside each model
+    replica (``apps/tap_replica.py``: the engine in the same process)."""
+
+    async def _open(self, models: dict[str, ModelPort], config: dict[str, Any]) -> None:
         tap = TapConfig.model_validate(config)
         root = data_dir(tap.data_dir)
         self._models = models
-        # Made once: options() builds a new handle, which costs time on every request (Ray Serve LLM keeps them too).
-        self._streams = {name: handle.options(stream=True) for name, handle in models.items()}
         self._tap = tap.tap
         self._billing = tap.billing
         self._prices = {m.name: Price(m.price.input_per_m, m.price.output_per_m) for m in tap.models}
@@ -178,11 +178,11 @@ class Gateway:
             *(Route(*r) for r in AccountAPI(self._ledger, self._keys, self._tap, read_body, self._flush).routes()),
         ]
 
-    async def __del__(self) -> None:
-        """Serve calls this when the replica stops, after in-flight requests finished: settles still
-        pending (a slow or restarting ledger) and the leases' last batches get :data:`SHUTDOWN_DRAIN_S`
-        to commit; the leases are returned to the balances."""
-        settler = getattr(self, "_settler", None)  # None: __init__ never finished
+    async def _close(self) -> None:
+        """When the replica stops, after in-flight requests finished: settles still pending (a slow or
+        restarting ledger) and the leases' last batches get :data:`SHUTDOWN_DRAIN_S` to commit; the
+        leases are returned to the balances."""
+        settler = getattr(self, "_settler", None)  # None: _open never finished
         if settler is not None:
             leases = self._leases.close(SHUTDOWN_DRAIN_S) if self._leases is not None else asyncio.sleep(0)
             await asyncio.gather(leases, settler.drain(SHUTDOWN_DRAIN_S))
@@ -236,11 +236,11 @@ class Gateway:
         return JSONResponse({"object": "list", "data": [self._model_card(name) for name in self._models]})
 
     async def _get_model(self, request: Request, principal: Principal, name: str) -> Response:
-        self._handle(name)
+        self._model(name)
         return JSONResponse(self._model_card(name))
 
     async def _health(self, request: Request) -> Response:
-        checks = [handle.check_health.remote() for handle in self._models.values()]
+        checks = [model.check_health() for model in self._models.values()]
         try:
             await asyncio.wait_for(asyncio.gather(*checks), timeout=10)
         except Exception as exc:
@@ -249,11 +249,11 @@ class Gateway:
         replica = serve.get_replica_context().replica_id.unique_id  # which gateway replica answered
         return JSONResponse({"status": "ok", "models": list(self._models), "replica": replica, "key_cache": keys})
 
-    def _handle(self, model: str) -> DeploymentHandle:
-        handle = self._models.get(model)
-        if handle is None:
-            raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
-        return handle
+    def _model(self, name: str) -> ModelPort:
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        return model
 
     # ---- completions ------------------------------------------------------------------------------
 
@@ -278,8 +278,8 @@ class Gateway:
         chat: bool,
         **prompt: Any,
     ) -> Response:
-        handle = self._handle(req.model)
-        meter = await self._admit(principal, req, request_id, handle, prompt)
+        model = self._model(req.model)
+        meter = await self._admit(principal, req, request_id, model, prompt)
         meter.t0 = t0
         gen = GenerationRequest(
             request_id=request_id,
@@ -294,9 +294,9 @@ class Gateway:
             min_tokens=req.min_tokens,
             **prompt,
         )
-        stream: Any = None  # a DeploymentResponseGenerator once remote() returned
+        stream: ModelStream | None = None
         try:
-            stream = self._streams[req.model].generate.remote(gen)
+            stream = model.stream(gen)
             first: Delta = await stream.__anext__()
         except BaseException as exc:
             if stream is not None:
@@ -311,10 +311,10 @@ class Gateway:
             return SettlingStream(meter, stream, self._settle, _sse(writer, meter, stream, self._settle))
         return await self._collect(chat, meter, stream)
 
-    async def _prompt_limits(self, model: str, handle: DeploymentHandle) -> PromptLimits:
-        limits = self._limits.get(model)
+    async def _prompt_limits(self, name: str, model: ModelPort) -> PromptLimits:
+        limits = self._limits.get(name)
         if limits is None:
-            limits = self._limits[model] = await handle.limits.remote()
+            limits = self._limits[name] = await model.limits()
         return limits
 
     async def _admit(
@@ -322,13 +322,13 @@ class Gateway:
         principal: Principal,
         req: ChatCompletionRequest | CompletionRequest,
         request_id: str,
-        handle: DeploymentHandle,
+        model: ModelPort,
         prompt: dict[str, Any],
     ) -> Meter:
         """Holds the request's worst-case cost (credits billing); 402 when the balance can't cover it.
         Any billing: a prompt that is not Unicode or cannot fit the model is refused before tokenising."""
         price = self._prices[req.model]
-        limits = await self._prompt_limits(req.model, handle)
+        limits = await self._prompt_limits(req.model, model)
         messages = prompt.get("messages")
         bound = prompt_token_bound(
             limits,
@@ -342,7 +342,7 @@ class Gateway:
         why = f"a prompt of at most {bound} tokens and {limit}"
         return await self._admission.admit(principal, req.model, price, request_id, amount, why=why)
 
-    async def _collect(self, chat: bool, meter: Meter, stream: DeploymentResponseGenerator) -> Response:
+    async def _collect(self, chat: bool, meter: Meter, stream: ModelStream) -> Response:
         assert meter.last is not None
         parts = [meter.last.text]
         try:
@@ -364,7 +364,7 @@ class Gateway:
 
 
 async def _sse(
-    writer: ChunkWriter, meter: Meter, stream: DeploymentResponseGenerator, settle: Callable[[Meter, str], Any]
+    writer: ChunkWriter, meter: Meter, stream: ModelStream, settle: Callable[[Meter, str], Any]
 ) -> AsyncIterator[bytes]:
     """SSE frames of one completion from its first delta on. A disconnect closes this generator, which
     cancels the engine request and settles the tokens produced so far ("aborted"); an engine failure
@@ -394,3 +394,16 @@ async def _sse(
     if writer.include_usage:
         yield writer.usage(meter.last.prompt_tokens, meter.last.completion_tokens)
     yield writer.DONE
+
+
+@serve.deployment(
+    logging_config={"enable_access_log": False}, graceful_shutdown_timeout_s=SHUTDOWN_DRAIN_S + 10
+)  # fmt: skip
+class Gateway(OpenAIFront):
+    """The front as a deployment of its own, over model deployments it calls through their handles."""
+
+    async def __init__(self, models: dict[str, DeploymentHandle], config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits an async constructor
+        await self._open({name: HandleModel(handle) for name, handle in models.items()}, config)
+
+    async def __del__(self) -> None:
+        await self._close()

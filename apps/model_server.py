@@ -25,9 +25,12 @@ from orch.engine import Delta, GenerationRequest
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(logging_config={"enable_access_log": False})
-class ModelServer:
-    async def __init__(self, config: dict[str, Any], data_dir: str) -> None:  # type: ignore[misc]  # Serve awaits it
+class ModelHost:
+    """The handle methods of a replica hosting one engine (also ``apps/tap_replica.py``'s)."""
+
+    _actor: ModelActor
+
+    async def _start_engine(self, config: dict[str, Any], data_dir: str) -> None:
         self._actor = ModelActor(ModelConfig.model_validate(config), Path(data_dir))
         await self._actor.start()
 
@@ -52,26 +55,47 @@ class ModelServer:
     async def check_health(self) -> None:
         await self._actor.check_health()
 
+    def _stop_engine(self) -> None:
+        actor = getattr(self, "_actor", None)  # None: the engine never started
+        if actor is not None:
+            actor.shutdown()
+
+
+@serve.deployment(logging_config={"enable_access_log": False})
+class ModelServer(ModelHost):
+    async def __init__(self, config: dict[str, Any], data_dir: str) -> None:  # type: ignore[misc]  # Serve awaits it
+        await self._start_engine(config, data_dir)
+
     def __del__(self) -> None:
-        self._actor.shutdown()
+        self._stop_engine()
+
+
+def deployment_name(config: ModelConfig) -> str:
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
+
+
+def model_options(config: ModelConfig, extra_cpus: float = 0.0) -> dict[str, Any]:
+    """Serve options of a replica hosting ``config``'s engine: its resources (plus ``extra_cpus``) and
+    autoscaling from config; with ``gpus`` each replica holds a GPU group of its own (see
+    ``actors/gpu_group.py``)."""
+    group: dict[str, Any] = {}
+    if config.gpus:
+        group = GPUGroup(config.gpus, config.num_cpus + extra_cpus).serve_options()
+    options: dict[str, Any] = {"num_cpus": config.num_cpus + extra_cpus}
+    if config.num_gpus:
+        options["num_gpus"] = config.num_gpus
+    return {
+        "name": deployment_name(config),
+        "ray_actor_options": group.pop("ray_actor_options", options),
+        **group,
+        "autoscaling_config": config.autoscaling.serve_dict(),
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 5,
+    }
 
 
 def model_deployment(config: ModelConfig, data_dir: Path) -> Application:
-    """Binds the deployment of one model with its resources and autoscaling from config; with
-    ``gpus`` each replica holds a GPU group of its own (see ``actors/gpu_group.py``)."""
-    group: dict[str, Any] = {}
-    if config.gpus:
-        group = GPUGroup(config.gpus, config.num_cpus).serve_options()
-    options: dict[str, Any] = {"num_cpus": config.num_cpus}
-    if config.num_gpus:
-        options["num_gpus"] = config.num_gpus
-    return ModelServer.options(  # type: ignore[attr-defined]
-        name="model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", config.name),
-        ray_actor_options=group.pop("ray_actor_options", options),
-        **group,
-        autoscaling_config=config.autoscaling.serve_dict(),
-        max_ongoing_requests=config.max_ongoing_requests,
-        health_check_period_s=10,
-        health_check_timeout_s=30,
-        graceful_shutdown_timeout_s=5,
-    ).bind(config.model_dump(), str(data_dir))
+    """Binds the deployment of one model, which a gateway calls through its handle."""
+    return ModelServer.options(**model_options(config)).bind(config.model_dump(), str(data_dir))  # type: ignore[attr-defined]

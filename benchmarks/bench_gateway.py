@@ -5,10 +5,11 @@
 
 Phase 1 starts vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with the
 engine settings of the first model in ``--config``; phase 2 Ray Serve LLM's ``build_openai_app`` with the
-same folder and engine arguments (``benchmarks/serve_llm_server.py``); phases 3 to 5 start llama-orch as
+same folder and engine arguments (``benchmarks/serve_llm_server.py``); phases 3 to 6 start llama-orch as
 users do (``python -m orch.control.cli up`` on a copy of the config with a free port and its own data dir, then
 ``down``) three ways: ``billing: contract`` (usage rows only, no credit check), credits with a hold and a
-settle per request (``credit_leases: false``), and credits on leases (the default); the last phase runs
+settle per request (``credit_leases: false``), and credits on leases (the config's gateway), then once more
+with the front inside the model replica (``gateway.colocate: true``); the last phase runs
 bare vLLM again, so the table shows how much the machine drifted during the run. Each phase waits for
 ``/v1/models``, warms up, probes one client (``--single-requests`` requests of ``--max-tokens``), measures
 the load, and records which vLLM threads did the work. Prints a table, the ratios against the goals of
@@ -34,6 +35,7 @@ from benchmarks.servers import REPO, Run, first_model, run_bare, run_gateway, ru
 
 BARE, GATEWAY, NO_HOLD = "bare vLLM", "llama-orch gateway", "gateway, no hold"
 HOLDS = "gateway, hold per request"
+COLOCATED = "front in the model replica"
 SERVE_LLM, BARE_LAST = "Ray Serve LLM", "bare vLLM (again, last)"
 # The same stack three ways: credits on leases (the default), credits with a hold and a settle per request
 # (the path before leases), and contract billing (usage rows only, no credit check).
@@ -41,6 +43,7 @@ TAP_ARGS: dict[str, dict[str, Any]] = {
     GATEWAY: {"billing": "credits", "credit_leases": True},
     HOLDS: {"billing": "credits", "credit_leases": False},
     NO_HOLD: {"billing": "contract"},
+    COLOCATED: {"billing": "credits", "credit_leases": True, "gateway": {"colocate": True}},
 }
 GOALS = {  # issue 9's, for the tap with credit billing (the default config)
     "throughput_ratio": (">=", 0.95),
@@ -129,9 +132,10 @@ def table(phases: dict[str, dict[str, Any]]) -> str:
 
 def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     bare, gw, no_hold = phases.get(BARE, {}), phases.get(GATEWAY, {}), phases.get(NO_HOLD, {})
+    colocated = phases.get(COLOCATED, {})
 
-    def diff(*path: str, base: dict[str, Any] = bare) -> float | None:
-        a, b = _value(base, *path), _value(gw, *path)
+    def diff(*path: str, base: dict[str, Any] = bare, over: dict[str, Any] = gw) -> float | None:
+        a, b = _value(base, *path), _value(over, *path)
         return None if a is None or b is None else round(float(b) - float(a), 1)
 
     tput_bare, tput_gw = _value(bare, "summary", "throughput_tok_s"), _value(gw, "summary", "throughput_tok_s")
@@ -150,6 +154,14 @@ def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "throughput_ratio_vs_serve_llm": _ratio(gw, phases.get(SERVE_LLM, {})),
         "serve_llm_throughput_ratio": _ratio(phases.get(SERVE_LLM, {}), bare),
         "bare_drift_ratio": _ratio(phases.get(BARE_LAST, {}), bare),  # the same server, last vs first
+        # The front in the model replica (gateway.colocate) against bare vLLM and against the separate gateway
+        "colocated_throughput_ratio": _ratio(colocated, bare),
+        "colocated_single_stream_throughput_ratio": _ratio(colocated, bare, "single_stream"),
+        "colocated_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", over=colocated),
+        "colocated_added_single_stream_ttft_p99_ms": diff("single_stream", "ttft_ms", "p99", over=colocated),
+        "colocated_serving_cpu_ms_per_token": _value(colocated, "serving_cpu_ms_per_token"),
+        "colocated_vs_gateway_throughput_ratio": _ratio(colocated, gw),
+        "colocated_throughput_ratio_vs_serve_llm": _ratio(colocated, phases.get(SERVE_LLM, {})),
     }
 
 
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=("bare", "serve-llm", "gateway", "holds", "no-hold"),
+        choices=("bare", "serve-llm", "gateway", "holds", "no-hold", "colocated"),
         help="run only these phases (bare first); the closing bare run is skipped",
     )
     parser.add_argument(
@@ -225,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     phases: dict[str, dict[str, Any]] = {}
     run = Run(spec_args, args.single_requests, log_dir, args.startup_timeout)
-    only = set(args.only or ("bare", "serve-llm", "gateway", "holds", "no-hold"))
+    only = set(args.only or ("bare", "serve-llm", "gateway", "holds", "no-hold", "colocated"))
     if "bare" in only:
         phases[BARE] = run_bare(BARE, model, model_dir, run)
     if "serve-llm" in only:
         phases[SERVE_LLM] = run_serve_llm(model, model_dir, run)
-    for label, name in ((NO_HOLD, "no-hold"), (HOLDS, "holds"), (GATEWAY, "gateway")):
+    for label, name in ((NO_HOLD, "no-hold"), (HOLDS, "holds"), (GATEWAY, "gateway"), (COLOCATED, "colocated")):
         if name in only:
             phases[label] = run_gateway(label, TAP_ARGS[label], model, model_dir, args.config, run)
     if args.only is None:

@@ -226,7 +226,9 @@ def gateway_config(
     config.setdefault("http_options", {})["port"] = port
     for app in config["applications"]:
         if str(app.get("import_path", "")).startswith("apps."):
-            app["args"].update(tap_args)
+            for key, value in tap_args.items():  # a nested setting (gateway.colocate) keeps its siblings
+                merged = app["args"].get(key)
+                app["args"][key] = merged | value if isinstance(value, dict) and isinstance(merged, dict) else value
         for entry in (app.get("args") or {}).get("models", []):
             if entry.get("name") == model.name:
                 entry["source"] = str(model_dir)  # same weights as the bare server, no second conversion

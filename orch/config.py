@@ -151,6 +151,12 @@ class GatewayConfig(StrictModel):
     num_replicas: int = Field(1, ge=1, description="Gateway replicas (each a Serve ingress).")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs one gateway replica reserves.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Requests one gateway replica accepts at once.")
+    colocate: bool = Field(
+        False,
+        description="Serve the OpenAI front inside each model replica (a tap of one model): a token crosses no Ray "
+        "hop, and the front scales with the model's autoscaling (num_replicas and max_ongoing_requests then do "
+        "not apply; num_cpus is added to each model replica's).",
+    )
 
 
 class TapConfig(StrictModel):
@@ -192,6 +198,8 @@ class TapConfig(StrictModel):
         names = [m.name for m in self.models]
         if len(names) != len(set(names)):
             raise ValueError(f"model names must be unique, got {names}")
+        if self.gateway.colocate and len(names) != 1:
+            raise ValueError(f"gateway.colocate serves one model per tap, this tap has {len(names)}: {names}")
         return self
 
 
