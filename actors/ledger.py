@@ -337,6 +337,9 @@ def ledger_actor(data_dir: Path, shard: int = 0) -> Any:
         max_concurrency=1000,
         num_cpus=0,
         resources={HEAD_NODE_RESOURCE: 0.001},
+        # Not the caller's placement group: a model replica in a GPU group (the front inside it) captures
+        # its children into the group, where the head-node resource is not.
+        scheduling_strategy="DEFAULT",
     )
     return actor_cls.remote(str(data_dir / f"ledger-{shard}.duckdb"))
 

@@ -3,6 +3,7 @@
 ``serve deploy configs/private_tap.example.yaml`` and ``llama-orch tap create`` both call :func:`build`
 with a :class:`orch.tapspec.TapSpec` (``args:``). The app is ``private-<client>``, served at
 ``/private/<client>/v1`` by a gateway of its own that accepts only keys issued for this tap. With
+``colocate: true`` the routes run inside each model replica instead (``apps/tap_replica.py``). With
 ``openai_gateway: false`` the app is the model deployment alone, reachable in the cluster only::
 
     handle = serve.get_deployment_handle("model-<name>", app_name="private-<client>")
@@ -17,7 +18,8 @@ from ray.serve.deployment import Application
 
 from apps.gateway import Gateway
 from apps.model_server import model_deployment
-from orch.config import ModelConfig, TapConfig, data_dir, load_args
+from apps.tap_replica import tap_replica_deployment
+from orch.config import GatewayConfig, ModelConfig, TapConfig, data_dir, load_args
 from orch.tapspec import TapSpec
 
 
@@ -30,10 +32,12 @@ def tap_config(spec: TapSpec) -> TapConfig:
         gpus=spec.gpus,
         num_cpus=spec.num_cpus,
         autoscaling=spec.autoscaling,
+        price=spec.price,
     )
     return TapConfig(
         tap=spec.app_name(),
         models=[model],
+        gateway=GatewayConfig(colocate=spec.colocate and spec.openai_gateway),
         billing=spec.billing,
         ledger_shards=spec.ledger_shards or 1,
         data_dir=spec.data_dir,
@@ -45,6 +49,8 @@ def build(args: dict[str, Any]) -> Application:
     spec: TapSpec = load_args(TapSpec, args)
     config = tap_config(spec)
     root = data_dir(config.data_dir)
+    if spec.openai_gateway and spec.colocate:
+        return tap_replica_deployment(config, root)
     model = model_deployment(config.models[0], root)
     if not spec.openai_gateway:
         return model

@@ -21,7 +21,7 @@ def build(args: dict[str, Any]) -> Application:
     """Builds the tap from validated args; a bad field fails with one line naming it."""
     config: TapConfig = load_args(TapConfig, args)
     root = data_dir(config.data_dir)
-    if config.gateway.colocate:
+    if config.colocated:
         return tap_replica_deployment(config, root)
     models = {m.name: model_deployment(m, root) for m in config.models}
     return Gateway.options(  # type: ignore[attr-defined]

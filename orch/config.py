@@ -151,11 +151,12 @@ class GatewayConfig(StrictModel):
     num_replicas: int = Field(1, ge=1, description="Gateway replicas (each a Serve ingress).")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs one gateway replica reserves.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Requests one gateway replica accepts at once.")
-    colocate: bool = Field(
-        False,
-        description="Serve the OpenAI front inside each model replica (a tap of one model): a token crosses no Ray "
-        "hop, and the front scales with the model's autoscaling (num_replicas and max_ongoing_requests then do "
-        "not apply; num_cpus is added to each model replica's).",
+    colocate: bool | None = Field(
+        None,
+        description="Serve the OpenAI routes inside each model replica: a token crosses no Ray hop, and the front "
+        "scales with the model's autoscaling (gateway num_cpus is added to each model replica's). Needs a tap of "
+        "one model and one gateway replica. None (default): colocate exactly then; false: a gateway deployment "
+        "of its own in front of the models.",
     )
 
 
@@ -200,7 +201,25 @@ class TapConfig(StrictModel):
             raise ValueError(f"model names must be unique, got {names}")
         if self.gateway.colocate and len(names) != 1:
             raise ValueError(f"gateway.colocate serves one model per tap, this tap has {len(names)}: {names}")
+        if self.gateway.colocate and self.gateway.num_replicas != 1:
+            raise ValueError(
+                "gateway.num_replicas does not apply with gateway.colocate (the front scales with the model's "
+                "autoscaling); drop one of them"
+            )
         return self
+
+    @property
+    def colocated(self) -> bool:
+        """Whether the front runs inside the model replicas (``gateway.colocate``, or its default).
+
+        >>> TapConfig.model_validate({"models": [{"name": "m"}]}).colocated
+        True
+        >>> TapConfig.model_validate({"models": [{"name": "m"}], "gateway": {"num_replicas": 2}}).colocated
+        False
+        """
+        if self.gateway.colocate is not None:
+            return self.gateway.colocate
+        return len(self.models) == 1 and self.gateway.num_replicas == 1
 
 
 def load_args(model: type[StrictModel], args: dict[str, Any], where: str = "args") -> Any:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from orch.config import AutoscalingConfig, EngineConfig, StrictModel
+from orch.config import AutoscalingConfig, EngineConfig, PriceConfig, StrictModel
 
 
 class TapSpec(StrictModel):
@@ -43,9 +43,15 @@ class TapSpec(StrictModel):
     )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     openai_gateway: bool = Field(True, description="Serve the OpenAI-compatible routes in front of the model.")
+    colocate: bool = Field(
+        True,
+        description="Serve the OpenAI routes inside each model replica (no Ray hop per token); false: a gateway "
+        "deployment of its own in front of the model.",
+    )
     billing: Literal["contract", "credits"] = Field(
         "contract", description="'contract': usage is recorded, not charged; 'credits': requests hold and debit."
     )
+    price: PriceConfig = Field(default_factory=PriceConfig, description="Price per 1M tokens (credits billing).")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs one replica reserves, in its group's first bundle.")
     served_name: str | None = Field(
         None,

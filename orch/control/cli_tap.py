@@ -29,6 +29,8 @@ def add_parsers(sub: Any) -> None:
     create.add_argument("--max", type=int, default=1, dest="max_replicas", help="most replicas")
     create.add_argument("--billing", choices=["contract", "credits"], default="contract")
     create.add_argument("--no-gateway", action="store_true", help="no HTTP: reachable by Serve handle only")
+    create.add_argument("--separate-gateway", action="store_true",
+                        help="a gateway deployment in front of the model, not the routes in each replica")  # fmt: skip
     create.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="an engine setting, e.g. max_model_len=2048 (repeatable)")  # fmt: skip
     create.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -97,7 +99,8 @@ def _change_tap(root: Path, args: argparse.Namespace, record: dict[str, Any]) ->
         fields = {
             "client": args.client, "model": args.model, "gpus": args.gpus, "min_replicas": args.min_replicas,
             "max_replicas": args.max_replicas, "billing": args.billing, "openai_gateway": not args.no_gateway,
-            "engine": _pairs(args.engine), "data_dir": str(root), **_pairs(args.set),
+            "colocate": not args.separate_gateway, "engine": _pairs(args.engine), "data_dir": str(root),
+            **_pairs(args.set),
         }  # fmt: skip
         spec: TapSpec = load_args(TapSpec, fields, where="tap")
         held = 0

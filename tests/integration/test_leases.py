@@ -1,5 +1,6 @@
-"""Credit leases on the session's real stack (two gateway replicas, real Ray, vLLM CPU, DuckDB): a gateway
-replica killed under load leaves the ledger consistent, and its lease expires back into the balance.
+"""Credit leases on the session's real stack (two tap replicas, each an engine with the OpenAI front inside;
+real Ray, vLLM CPU, DuckDB): a replica killed under load leaves the ledger consistent, and its lease
+expires back into the balance.
 
 The 200-stream storm on a grant for ~20 requests, the ledger killed under load, `down`/`up` and key
 revocation run in test_tap_billing.py against the same two replicas.
@@ -15,25 +16,29 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.conftest import GATEWAY_REPLICAS, LEASE_TTL_S, MODEL, Stack
+from tests.integration.conftest import LEASE_TTL_S, MODEL, TAP_REPLICAS, Stack
 from tests.integration.test_tap_billing import QUESTION, account, new_tenant, usage
 
 pytestmark = pytest.mark.integration
 
 
-def gateway_replicas() -> list[str]:
+def tap_replicas() -> list[str]:
+    """The public tap's replicas: the model deployment, whose replicas serve the OpenAI routes themselves."""
     names = ray.util.list_named_actors(all_namespaces=True)
-    return sorted(a["name"] for a in names if a["name"].startswith("SERVE_REPLICA::public#Gateway#"))
+    return sorted(a["name"] for a in names if a["name"].startswith(f"SERVE_REPLICA::public#model-{MODEL}#"))
 
 
-def test_two_gateway_replicas_serve_the_public_tap(stack: Stack, ray_driver: None) -> None:
-    assert len(gateway_replicas()) == GATEWAY_REPLICAS == 2
+def test_two_replicas_serve_the_public_tap_each_with_its_front(stack: Stack, ray_driver: None) -> None:
+    from ray import serve
+
+    assert len(tap_replicas()) == TAP_REPLICAS == 2
+    assert set(serve.status().applications["public"].deployments) == {f"model-{MODEL}"}  # no gateway in between
 
 
-def test_killing_a_gateway_replica_under_load_leaves_the_ledger_exact(stack: Stack, ray_driver: None) -> None:
+def test_killing_a_tap_replica_under_load_leaves_the_ledger_exact(stack: Stack, ray_driver: None) -> None:
     grant = 10_000_000
     tenant, key = new_tenant(stack, grant)
-    victim = gateway_replicas()[0]
+    victim = tap_replicas()[0]
 
     async def run() -> list[int | str]:
         async with httpx.AsyncClient(timeout=300) as client:
@@ -75,7 +80,7 @@ def test_killing_a_gateway_replica_under_load_leaves_the_ledger_exact(stack: Sta
 
     # Serve replaces the replica; the tap serves on.
     deadline = time.monotonic() + 120
-    while len(gateway_replicas()) < GATEWAY_REPLICAS and time.monotonic() < deadline:
+    while len(tap_replicas()) < TAP_REPLICAS and time.monotonic() < deadline:
         time.sleep(1)
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4}
     headers = {"Authorization": f"Bearer {key}"}

@@ -84,7 +84,7 @@ def test_revoked_key_is_refused_within_5_seconds(stack: Stack) -> None:
     key_id = key.removeprefix("sk-orch-").split("-")[0]
     admin(stack, "DELETE", f"/admin/keys/{key_id}")
     t0 = time.monotonic()
-    while chat(stack, key, max_tokens=1).status_code == 200:  # refused by one gateway replica first
+    while chat(stack, key, max_tokens=1).status_code == 200:  # refused by one tap replica first
         assert time.monotonic() - t0 < 5.5, "a revoked key still works after 5 s"
         time.sleep(0.2)
     time.sleep(max(0.0, 5.0 - (time.monotonic() - t0)))

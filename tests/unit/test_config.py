@@ -67,3 +67,35 @@ def test_gpu_engine_keeps_vllms_own_kv_sizing(monkeypatch: pytest.MonkeyPatch) -
 def test_autoscaling_maps_to_serve() -> None:
     tap = TapConfig.model_validate({"models": [{"name": "m", "autoscaling": {"min_replicas": 0, "max_replicas": 3}}]})
     assert tap.models[0].autoscaling.serve_dict()["min_replicas"] == 0
+
+
+def test_colocate_serves_one_model_per_tap() -> None:
+    one = {"models": [{"name": "a"}], "gateway": {"colocate": True}}
+    assert TapConfig.model_validate(one).gateway.colocate
+    with pytest.raises(ConfigError, match="gateway.colocate serves one model per tap, this tap has 2"):
+        load_args(TapConfig, {**one, "models": [{"name": "a"}, {"name": "b"}]})
+    with pytest.raises(ConfigError, match="gateway.num_replicas does not apply with gateway.colocate"):
+        load_args(TapConfig, {**one, "gateway": {"colocate": True, "num_replicas": 2}})
+    # Unset, it is the fast shape wherever that shape can serve the tap.
+    assert TapConfig.model_validate({"models": [{"name": "a"}]}).colocated
+    assert not TapConfig.model_validate({"models": [{"name": "a"}, {"name": "b"}]}).colocated
+    assert not TapConfig.model_validate({"models": [{"name": "a"}], "gateway": {"colocate": False}}).colocated
+
+
+def test_a_colocated_tap_is_one_deployment_with_the_models_resources_and_the_fronts_cpus() -> None:
+    """What the builders bind (no Ray started): the tap replica carries the model's name and autoscaling."""
+    from apps import private_tap, public_tap
+
+    args = {"models": [{"name": "m", "num_cpus": 1, "autoscaling": {"max_replicas": 3}}], "gateway": {"colocate": True}}
+    deployment = public_tap.build(args)._bound_deployment
+    assert deployment.name == "model-m" and deployment.func_or_class.__name__ == "TapReplica"
+    assert deployment.ray_actor_options["num_cpus"] == 1.5  # the model's 1 and the front's 0.5
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    split = public_tap.build({**args, "gateway": {"colocate": False}})._bound_deployment
+    assert split.func_or_class.__name__ == "Gateway"
+    private = private_tap.build({"client": "acme", "model": "m", "gpus": 1})._bound_deployment  # colocated unless told
+    assert private.func_or_class.__name__ == "TapReplica" and private.name == "model-m"
+    fronted = private_tap.build({"client": "acme", "model": "m", "gpus": 1, "colocate": False})._bound_deployment
+    assert fronted.func_or_class.__name__ == "Gateway"
+    bare = private_tap.build({"client": "acme", "model": "m", "gpus": 1, "openai_gateway": False})
+    assert bare._bound_deployment.func_or_class.__name__ == "ModelServer"  # no routes at all: colocate is moot
