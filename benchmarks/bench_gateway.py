@@ -1,4 +1,4 @@
-"""Gateway vs bare vLLM: the same model, engine settings and streaming load, one server at a time.
+"""The tap vs bare vLLM and Ray Serve LLM: the same model, engine settings and streaming load, one server at a time.
 
     .venv/bin/python -m benchmarks.bench_gateway                       # 32 clients x 3 requests x 64 tokens, ~25 min
     .venv/bin/python -m benchmarks.bench_gateway --requests-per-client 2 --max-tokens 32   # quicker
@@ -6,11 +6,12 @@
 Phase 1 starts vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with the
 engine settings of the first model in ``--config``; phase 2 Ray Serve LLM's ``build_openai_app`` with the
 same folder and engine arguments (``benchmarks/serve_llm_server.py``); phases 3 to 6 start llama-orch as
-users do (``python -m orch.control.cli up`` on a copy of the config with a free port and its own data dir, then
-``down``) three ways: ``billing: contract`` (usage rows only, no credit check), credits with a hold and a
-settle per request (``credit_leases: false``), and credits on leases (the config's gateway), then once more
-with the front inside the model replica (``gateway.colocate: true``); the last phase runs
-bare vLLM again, so the table shows how much the machine drifted during the run. Each phase waits for
+users do (``python -m orch.control.cli up`` on a copy of the config with a free port and its own data dir,
+then ``down``): with a gateway deployment of its own in front of the model (``gateway.colocate: false``)
+three ways, ``billing: contract`` (usage rows only, no credit check), credits with a hold and a settle
+per request (``credit_leases: false``) and credits on leases; then the tap as configured (credits on
+leases, the routes inside the model replica in ``configs/local.yaml``), whose ratios are the goals'. The
+last phase runs bare vLLM again, so the table shows how much the machine drifted during the run. Each phase waits for
 ``/v1/models``, warms up, probes one client (``--single-requests`` requests of ``--max-tokens``), measures
 the load, and records which vLLM threads did the work. Prints a table, the ratios against the goals of
 issue 9 and writes JSON (default ``benchmarks/results/gateway.json``; server logs go next to it, under
@@ -33,18 +34,25 @@ import psutil
 
 from benchmarks.servers import REPO, Run, first_model, run_bare, run_gateway, run_serve_llm, with_dtype
 
-BARE, GATEWAY, NO_HOLD = "bare vLLM", "llama-orch gateway", "gateway, no hold"
-HOLDS = "gateway, hold per request"
-COLOCATED = "front in the model replica"
+BARE, TAP, SEPARATE = "bare vLLM", "llama-orch tap", "separate gateway"
+HOLDS, NO_HOLD = "separate gateway, hold per request", "separate gateway, no hold"
 SERVE_LLM, BARE_LAST = "Ray Serve LLM", "bare vLLM (again, last)"
-# The same stack three ways: credits on leases (the default), credits with a hold and a settle per request
-# (the path before leases), and contract billing (usage rows only, no credit check).
+# The tap as configured (credits on leases, the routes inside the model replica: configs/local.yaml), then
+# with a gateway deployment of its own in front of the model three ways: credits on leases, credits with a
+# hold and a settle per request (the path before leases), contract billing (usage rows only, no credit check).
+SPLIT = {"gateway": {"colocate": False}}
 TAP_ARGS: dict[str, dict[str, Any]] = {
-    GATEWAY: {"billing": "credits", "credit_leases": True},
-    HOLDS: {"billing": "credits", "credit_leases": False},
-    NO_HOLD: {"billing": "contract"},
-    COLOCATED: {"billing": "credits", "credit_leases": True, "gateway": {"colocate": True}},
+    TAP: {"billing": "credits", "credit_leases": True},
+    SEPARATE: {"billing": "credits", "credit_leases": True, **SPLIT},
+    HOLDS: {"billing": "credits", "credit_leases": False, **SPLIT},
+    NO_HOLD: {"billing": "contract", **SPLIT},
 }
+# Serve's HAProxy mode in front of the tap (read by every Serve process at import: `up`'s head passes it on).
+# Not the default: a client's address reaches the tap as 127.0.0.1 (see benchmarks/ingress_probe/FINDINGS.md).
+HAPROXY = "tap, HAProxy ingress"
+TAP_ARGS[HAPROXY] = TAP_ARGS[TAP]
+TAP_ENV = {HAPROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}
+PHASES = {"tap": TAP, "separate": SEPARATE, "holds": HOLDS, "no-hold": NO_HOLD, "haproxy": HAPROXY}  # --only
 GOALS = {  # issue 9's, for the tap with credit billing (the default config)
     "throughput_ratio": (">=", 0.95),
     "single_stream_throughput_ratio": (">=", 0.95),
@@ -131,37 +139,38 @@ def table(phases: dict[str, dict[str, Any]]) -> str:
 
 
 def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    bare, gw, no_hold = phases.get(BARE, {}), phases.get(GATEWAY, {}), phases.get(NO_HOLD, {})
-    colocated = phases.get(COLOCATED, {})
+    bare, tap, separate = phases.get(BARE, {}), phases.get(TAP, {}), phases.get(SEPARATE, {})
+    holds, no_hold, haproxy = phases.get(HOLDS, {}), phases.get(NO_HOLD, {}), phases.get(HAPROXY, {})
 
-    def diff(*path: str, base: dict[str, Any] = bare, over: dict[str, Any] = gw) -> float | None:
+    def diff(*path: str, base: dict[str, Any] = bare, over: dict[str, Any] = tap) -> float | None:
         a, b = _value(base, *path), _value(over, *path)
         return None if a is None or b is None else round(float(b) - float(a), 1)
 
-    tput_bare, tput_gw = _value(bare, "summary", "throughput_tok_s"), _value(gw, "summary", "throughput_tok_s")
     return {
-        "throughput_ratio": round(tput_gw / tput_bare, 3) if tput_bare and tput_gw is not None else None,
-        "single_stream_throughput_ratio": _ratio(gw, bare, "single_stream"),
+        "throughput_ratio": _ratio(tap, bare),
+        "single_stream_throughput_ratio": _ratio(tap, bare, "single_stream"),
         "added_ttft_p50_ms": diff("summary", "ttft_ms", "p50"),
         "added_latency_p50_ms": diff("summary", "latency_ms", "p50"),
         "added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50"),
         "added_single_stream_ttft_p99_ms": diff("single_stream", "ttft_ms", "p99"),
-        "serving_cpu_ms_per_token": _value(gw, "serving_cpu_ms_per_token"),
-        "leases_vs_holds_throughput_ratio": _ratio(gw, phases.get(HOLDS, {})),
-        "holds_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=phases.get(HOLDS, {})),
-        "hold_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=no_hold),
-        "hold_added_ttft_p50_ms": diff("summary", "ttft_ms", "p50", base=no_hold),
-        "throughput_ratio_vs_serve_llm": _ratio(gw, phases.get(SERVE_LLM, {})),
+        "serving_cpu_ms_per_token": _value(tap, "serving_cpu_ms_per_token"),
+        "throughput_ratio_vs_serve_llm": _ratio(tap, phases.get(SERVE_LLM, {})),
         "serve_llm_throughput_ratio": _ratio(phases.get(SERVE_LLM, {}), bare),
         "bare_drift_ratio": _ratio(phases.get(BARE_LAST, {}), bare),  # the same server, last vs first
-        # The front in the model replica (gateway.colocate) against bare vLLM and against the separate gateway
-        "colocated_throughput_ratio": _ratio(colocated, bare),
-        "colocated_single_stream_throughput_ratio": _ratio(colocated, bare, "single_stream"),
-        "colocated_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", over=colocated),
-        "colocated_added_single_stream_ttft_p99_ms": diff("single_stream", "ttft_ms", "p99", over=colocated),
-        "colocated_serving_cpu_ms_per_token": _value(colocated, "serving_cpu_ms_per_token"),
-        "colocated_vs_gateway_throughput_ratio": _ratio(colocated, gw),
-        "colocated_throughput_ratio_vs_serve_llm": _ratio(colocated, phases.get(SERVE_LLM, {})),
+        # What the shape costs: the routes in the model replica against a gateway deployment in front of it
+        "tap_vs_separate_gateway_throughput_ratio": _ratio(tap, separate),
+        "separate_gateway_throughput_ratio": _ratio(separate, bare),
+        "separate_gateway_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", over=separate),
+        "separate_gateway_serving_cpu_ms_per_token": _value(separate, "serving_cpu_ms_per_token"),
+        # Serve's HAProxy ingress in front of the same tap (opt-in)
+        "haproxy_throughput_ratio": _ratio(haproxy, bare),
+        "haproxy_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", over=haproxy),
+        "haproxy_serving_cpu_ms_per_token": _value(haproxy, "serving_cpu_ms_per_token"),
+        # What billing costs, on the separate gateway: leases against a hold per request against no hold
+        "leases_vs_holds_throughput_ratio": _ratio(separate, holds),
+        "holds_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=holds, over=separate),
+        "hold_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=no_hold, over=holds),
+        "hold_added_ttft_p50_ms": diff("summary", "ttft_ms", "p50", base=no_hold, over=holds),
     }
 
 
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=("bare", "serve-llm", "gateway", "holds", "no-hold", "colocated"),
+        choices=("bare", "serve-llm", *PHASES),
         help="run only these phases (bare first); the closing bare run is skipped",
     )
     parser.add_argument(
@@ -237,14 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     phases: dict[str, dict[str, Any]] = {}
     run = Run(spec_args, args.single_requests, log_dir, args.startup_timeout)
-    only = set(args.only or ("bare", "serve-llm", "gateway", "holds", "no-hold", "colocated"))
+    only = set(args.only or ("bare", "serve-llm", *PHASES))
     if "bare" in only:
         phases[BARE] = run_bare(BARE, model, model_dir, run)
     if "serve-llm" in only:
         phases[SERVE_LLM] = run_serve_llm(model, model_dir, run)
-    for label, name in ((NO_HOLD, "no-hold"), (HOLDS, "holds"), (GATEWAY, "gateway"), (COLOCATED, "colocated")):
+    for name in ("no-hold", "holds", "separate", "tap", "haproxy"):
+        label = PHASES[name]
         if name in only:
-            phases[label] = run_gateway(label, TAP_ARGS[label], model, model_dir, args.config, run)
+            phases[label] = run_gateway(label, TAP_ARGS[label], model, model_dir, args.config, run, TAP_ENV.get(label))
     if args.only is None:
         phases[BARE_LAST] = run_bare(BARE_LAST, model, model_dir, run)
 
@@ -252,13 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(phases))
     print(
-        f"throughput gateway/bare: {ratio['throughput_ratio']}   added TTFT p50: {ratio['added_ttft_p50_ms']} ms   "
+        f"throughput tap/bare: {ratio['throughput_ratio']}   added TTFT p50: {ratio['added_ttft_p50_ms']} ms   "
         f"added latency p50: {ratio['added_latency_p50_ms']} ms   "
         f"added 1-stream TTFT p50: {ratio['added_single_stream_ttft_p50_ms']} ms   "
-        f"of which the hold (credits vs no hold): {ratio['hold_added_single_stream_ttft_p50_ms']} ms"
+        f"tap/separate gateway: {ratio['tap_vs_separate_gateway_throughput_ratio']}"
     )
     print(
-        f"gateway/Ray Serve LLM: {ratio['throughput_ratio_vs_serve_llm']}   Ray Serve LLM/bare: "
+        f"tap/Ray Serve LLM: {ratio['throughput_ratio_vs_serve_llm']}   Ray Serve LLM/bare: "
         f"{ratio['serve_llm_throughput_ratio']}   bare last/first (drift): {ratio['bare_drift_ratio']}"
     )
     met = goals(ratio)

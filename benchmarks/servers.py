@@ -239,8 +239,10 @@ def gateway_config(
     return out
 
 
-def orch_cli(data_dir: Path, *args: str, log_path: Path, timeout_s: float) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always our own head
+def orch_cli(
+    data_dir: Path, *args: str, log_path: Path, timeout_s: float, extra_env: dict[str, str] | None = None
+) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (extra_env or {})  # always our own head
     cmd = [sys.executable, "-m", "orch.control.cli", "--data-dir", str(data_dir), *args]
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
@@ -254,16 +256,25 @@ def orch_cli(data_dir: Path, *args: str, log_path: Path, timeout_s: float) -> in
 
 
 def run_gateway(
-    label: str, tap_args: dict[str, Any], model: ModelConfig, model_dir: Path, config_path: Path, run: Run
+    label: str,
+    tap_args: dict[str, Any],
+    model: ModelConfig,
+    model_dir: Path,
+    config_path: Path,
+    run: Run,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """llama-orch as users start it, on a copy of ``config_path`` with ``tap_args`` set on its taps."""
+    """llama-orch as users start it, on a copy of ``config_path`` with ``tap_args`` set on its taps; ``env``
+    goes to `up`, so the Ray head it starts (and every Serve process) has it."""
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     config = gateway_config(config_path, port, model, model_dir, data_dir / "config.yaml", tap_args)
     log_path = run.log_dir / f"gateway-cli-{label.replace(' ', '-').replace(',', '')}.log"
     log_path.unlink(missing_ok=True)
     base_url = f"http://127.0.0.1:{port}/v1"
-    result: dict[str, Any] = {"data_dir": str(data_dir), "config": config.read_text(), "log": str(log_path)}
+    result: dict[str, Any] = {
+        "data_dir": str(data_dir), "config": config.read_text(), "log": str(log_path), "env": env or {}
+    }  # fmt: skip
     head_pid: int | None = None
     print(f"[{label}] llama-orch up --config {config} (data dir {data_dir}) ...", flush=True)
     try:
@@ -277,6 +288,7 @@ def run_gateway(
             str(run.timeout_s),
             log_path=log_path,
             timeout_s=run.timeout_s + 60,
+            extra_env=env,
         )
         with contextlib.suppress(OSError, ValueError, KeyError):
             head_pid = int(json.loads((data_dir / "cluster.json").read_text())["pid"])
