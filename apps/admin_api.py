@@ -18,7 +18,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from actors.ledger import LedgerClient
+from actors.ledger_client import LedgerClient
 from orch.billing import KeyCache, Principal
 from orch.errors import Conflict, InvalidRequest, NotFound
 from orch.ledger import Code, GrantCredits

@@ -2,16 +2,17 @@
 
 OpenAI routes (Bearer key of this tap): ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``POST /v1/chat/completions``, ``POST /v1/completions``; the account and admin routes are in
-``apps/admin_api.py``. ``GET /health`` is open. Bodies over :data:`MAX_BODY_BYTES` are refused (413)
-before they are read whole.
+``apps/admin_api.py``. ``GET /health`` is open. Bodies over ``apps.wire.MAX_BODY_BYTES`` are refused
+(413) before they are read whole.
 
 A completion is admitted against its worst-case cost: on the replica's credit lease for the tenant
 (``orch.lease``: no ledger round trip), else by a hold of its own committed in the tenant's ledger
-before the request reaches an engine (402 when the balance can't cover it); it streams from the model
-deployment through a streaming ``DeploymentHandle``; and it is settled with the engine's exact token
+before the request reaches an engine (402 when the balance can't cover it); it streams from the model's
+port (``apps/model_port.py``: the engine in this replica, or a model deployment's streaming handle);
+and it is settled with the engine's exact token
 counts when it finishes, fails or the client goes away, the usage row in the settle's transaction (a
 lease's batch, or the request's own settle).
-The gateway waits for the first delta before answering, so a bad request or a failed engine still
+The front waits for the first delta before answering, so a bad request or a failed engine still
 gets its own status instead of a broken 200 stream.
 """
 
@@ -21,31 +22,28 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
-from actors.ledger import LedgerClient, LedgerUnavailable
+from actors.ledger_client import LedgerClient
 from apps.admin_api import AccountAPI
 from apps.model_port import HandleModel, ModelPort, ModelStream
+from apps.wire import SettlingStream, api_error, error_response, overhead_header, read_body, sse_frames
 from orch.billing import KeyCache, Principal, PromptLimits, bearer_token, hold_amount, prompt_token_bound
 from orch.config import TapConfig, data_dir
 from orch.engine import Delta, GenerationRequest
 from orch.errors import (
-    APIError,
     EngineUnavailable,
     Forbidden,
-    InternalError,
     MethodNotAllowed,
     NotFound,
-    PayloadTooLarge,
 )
 from orch.lease import Leases, LeaseSettings
 from orch.ledger import Price
@@ -64,25 +62,7 @@ log = logging.getLogger("ray.serve")
 
 Handler = Callable[..., Awaitable[Response]]
 
-MAX_BODY_BYTES = 4 << 20  # 4 MiB: far past any prompt a model here can take (see prompt_token_bound)
 SHUTDOWN_DRAIN_S = 20.0  # pending settles get this long to commit when a replica stops
-
-
-def api_error(exc: BaseException) -> APIError:
-    """The OpenAI-shaped error for any exception: API errors as raised, engine/Ray failures as 503."""
-    if isinstance(exc, RayTaskError):
-        exc = exc.cause if exc.cause is not None else exc
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, LedgerUnavailable):
-        return EngineUnavailable("Billing is unavailable right now; retry later.", code="ledger_unavailable")
-    if isinstance(exc, RayError):
-        return EngineUnavailable("The model is unavailable right now; retry later.", code="engine_unavailable")
-    return InternalError("The server had an error while processing your request.", code="internal_error")
-
-
-def error_response(err: APIError) -> Response:
-    return Response(err.to_json(), status_code=err.status, media_type="application/json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,53 +71,6 @@ class Route:
     pattern: re.Pattern[str]
     handler: Handler
     auth: str  # "open" | "tenant" | "admin"
-
-
-class SettlingStream(StreamingResponse):
-    """An SSE response that settles its request however the response ends: Starlette never closes a
-    body generator it did not start (a client gone before the first byte), so this does."""
-
-    def __init__(
-        self, meter: Meter, stream: Any, settle: Callable[[Meter, str], Any], body: AsyncIterator[bytes]
-    ) -> None:
-        # Headers go out with the first delta: the overhead up to the first token.
-        super().__init__(body, media_type="text/event-stream", headers=overhead_header(meter))
-        self._meter, self._stream, self._settle_fn = meter, stream, settle
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if self._meter.settled is None:
-                self._stream.cancel()
-                self._settle_fn(self._meter, "aborted")
-
-
-OVERHEAD_HEADER = "x-orch-overhead-ms"
-
-
-def overhead_header(meter: Meter) -> dict[str, str]:
-    """Every completion says what the tap cost it: time in the gateway and its hops, outside the engine."""
-    return {OVERHEAD_HEADER: f"{meter.overhead_ms():.1f}"}
-
-
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refused (413) as soon as it is known to be over ``limit``: by its
-    Content-Length before reading, else while reading the stream."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="request_too_large")
 
 
 class OpenAIFront:
@@ -308,7 +241,7 @@ class OpenAIFront:
         meter.last = first
         if req.stream:
             writer = ChunkWriter(chat=chat, request_id=request_id, model=req.model, include_usage=req.include_usage)
-            return SettlingStream(meter, stream, self._settle, _sse(writer, meter, stream, self._settle))
+            return SettlingStream(meter, stream, self._settle, sse_frames(writer, meter, stream, self._settle))
         return await self._collect(chat, meter, stream)
 
     async def _prompt_limits(self, name: str, model: ModelPort) -> PromptLimits:
@@ -361,39 +294,6 @@ class OpenAIFront:
             last.completion_tokens,
         )  # fmt: skip
         return JSONResponse(body, headers=overhead_header(meter))
-
-
-async def _sse(
-    writer: ChunkWriter, meter: Meter, stream: ModelStream, settle: Callable[[Meter, str], Any]
-) -> AsyncIterator[bytes]:
-    """SSE frames of one completion from its first delta on. A disconnect closes this generator, which
-    cancels the engine request and settles the tokens produced so far ("aborted"); an engine failure
-    is reported in-band and settled as "error"; a finished stream is settled before ``[DONE]``."""
-    assert meter.last is not None
-    first = meter.last
-    finished = False
-    try:
-        yield writer.first() + writer.delta(first.text, first.finish_reason)
-        if first.finish_reason is None:
-            async for delta in stream:
-                meter.last = delta
-                yield writer.delta(delta.text, delta.finish_reason)
-        finished = True
-    except Exception as exc:
-        finished = True  # the stream is over; only the report is left
-        stream.cancel()
-        settle(meter, "error")
-        # Headers are gone: report in-band, as vLLM's server does.
-        yield writer.error(api_error(exc).body()) + writer.DONE
-        return
-    finally:
-        if not finished:
-            stream.cancel()
-            settle(meter, "aborted")
-    await asyncio.shield(settle(meter, "ok"))
-    if writer.include_usage:
-        yield writer.usage(meter.last.prompt_tokens, meter.last.completion_tokens)
-    yield writer.DONE
 
 
 @serve.deployment(

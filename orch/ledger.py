@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from orch.ledger_ops import (
@@ -47,6 +47,17 @@ from orch.ledger_ops import (
     grant_expiry,
     utc_now,
 )
+from orch.ledger_state import (
+    EXPIRED,
+    NO_ALLOCATION,
+    OPEN,
+    RELEASED,
+    SETTLED,
+    GrantState,
+    HoldState,
+    TenantState,
+    free_credit,
+)
 from orch.pricing import TOKENS_PER_PRICE_UNIT, Price, cost, max_cost
 
 __all__ = [  # the records (orch.ledger_ops) and pricing names are re-exported: callers import them from here
@@ -56,59 +67,10 @@ __all__ = [  # the records (orch.ledger_ops) and pricing names are re-exported: 
 ]  # fmt: skip
 
 
-# ---- mutable internal state ----
-# Kept mutable and private on purpose: the hot path (hold + settle) must stay allocation-light to reach
-# tens of thousands of pairs per second; everything that leaves the Ledger is an immutable record.
-
-
-class _Grant:
-    __slots__ = ("grant_id", "micro_credits", "granted_at", "expires_at", "spent", "reserved")
-
-    def __init__(self, grant_id: str, micro_credits: int, granted_at: datetime) -> None:
-        self.grant_id, self.micro_credits, self.granted_at = grant_id, micro_credits, granted_at
-        self.expires_at = grant_expiry(granted_at)
-        self.spent = 0
-        self.reserved = 0
-
-
 _OK = Code.OK  # enum attribute lookups cost ~100 ns on 3.11; the hot path pays them per op
-_OPEN, _SETTLED, _RELEASED, _EXPIRED = 0, 1, 2, 3
-_ENDED_CODE = {_SETTLED: Code.HOLD_SETTLED, _RELEASED: Code.HOLD_RELEASED, _EXPIRED: Code.HOLD_EXPIRED}
+_ENDED_CODE = {SETTLED: Code.HOLD_SETTLED, RELEASED: Code.HOLD_RELEASED, EXPIRED: Code.HOLD_EXPIRED}
 _HOUSEKEEPING_EVERY = 1024  # OK ops between two forgetting passes (a counter, so replay repeats them)
 _HEAP_SLACK = 1024  # the expiry heap is compacted when ended entries outnumber open ones by this much
-
-
-_NO_ALLOCATION: tuple[tuple[_Grant, int], ...] = ()
-
-
-class _Hold:
-    __slots__ = ("hold_id", "tenant", "micro_credits", "created_at", "expires_at", "allocation", "state", "debited")
-
-    def __init__(
-        self,
-        hold_id: str,
-        tenant: _Tenant,
-        micro_credits: int,
-        created_at: datetime,
-        expires_at: datetime,
-        allocation: list[tuple[_Grant, int]],
-    ) -> None:
-        self.hold_id, self.tenant, self.micro_credits = hold_id, tenant, micro_credits
-        self.created_at, self.expires_at = created_at, expires_at
-        self.allocation: Sequence[tuple[_Grant, int]] = allocation
-        self.state = _OPEN
-        self.debited = 0
-
-
-class _Tenant:
-    __slots__ = ("tenant_id", "name", "grants", "burnable", "open_holds", "spent")
-
-    def __init__(self, tenant_id: str, name: str) -> None:
-        self.tenant_id, self.name = tenant_id, name
-        self.grants: list[_Grant] = []  # all, in burn order (expiry, then grant order)
-        self.burnable: list[_Grant] = []  # the same minus grants that can never be held from again
-        self.open_holds: dict[str, _Hold] = {}
-        self.spent = 0
 
 
 class Ledger:
@@ -136,8 +98,8 @@ class Ledger:
     ) -> None:
         self.clock = clock
         self.idempotency_window = idempotency_window
-        self._tenants: dict[str, _Tenant] = {}
-        self._holds: dict[str, _Hold] = {}
+        self._tenants: dict[str, TenantState] = {}
+        self._holds: dict[str, HoldState] = {}
         self._done: dict[str, tuple[Op, Result]] = {}  # op_id → first (op, OK result)
         self._expiry_heap: list[tuple[datetime, str]] = []  # (expires_at, hold_id), ended ones popped lazily
         self._forgettable: deque[tuple[datetime, str]] = deque()  # (ended_at, op_id) in end order
@@ -198,7 +160,7 @@ class Ledger:
     def _create_tenant(self, op: CreateTenant, now: datetime) -> Result:
         if op.tenant_id in self._tenants:
             return Result(Code.TENANT_EXISTS, op.op_id, now, op.tenant_id)
-        self._tenants[op.tenant_id] = _Tenant(op.tenant_id, op.name)
+        self._tenants[op.tenant_id] = TenantState(op.tenant_id, op.name)
         return Result(_OK, op.op_id, now, op.tenant_id)
 
     def _grant(self, op: GrantCredits, now: datetime) -> Result:
@@ -207,7 +169,7 @@ class Ledger:
             return Result(Code.TENANT_NOT_FOUND, op.op_id, now, op.tenant_id)
         if type(op.micro_credits) is not int or not 0 < op.micro_credits <= MAX_MICRO_CREDITS:
             return Result(Code.INVALID_AMOUNT, op.op_id, now, op.tenant_id)
-        g = _Grant(op.op_id, op.micro_credits, now)
+        g = GrantState(op.op_id, op.micro_credits, now)
         for grants in (tenant.grants, tenant.burnable):
             # Stable: equal expiries keep grant order. Lists are short (one entry per purchase).
             i = len(grants)
@@ -238,28 +200,28 @@ class Ledger:
             and (burnable[0].spent == burnable[0].micro_credits or burnable[0].expires_at <= now)
         ):
             del burnable[0]
-        allocation, need = _free_credit(burnable, amount, now)
+        allocation, need = free_credit(burnable, amount, now)
         if need:
             return Result(Code.INSUFFICIENT_CREDITS, op.op_id, now, op.tenant_id, amount, available=amount - need)
         for g, take in allocation:
             g.reserved += take
             assert g.spent + g.reserved <= g.micro_credits
         expires_at = now + timeout
-        hold = _Hold(op.op_id, tenant, amount, now, expires_at, allocation)
+        hold = HoldState(op.op_id, tenant, amount, now, expires_at, allocation)
         self._holds[op.op_id] = tenant.open_holds[op.op_id] = hold
         self._open += 1
         heapq.heappush(self._expiry_heap, (expires_at, op.op_id))
         return Result(_OK, op.op_id, now, op.tenant_id, amount, expires_at=expires_at)
 
-    def _open_hold(self, op_id: str, hold_id: str, now: datetime) -> _Hold | Result:
+    def _open_hold(self, op_id: str, hold_id: str, now: datetime) -> HoldState | Result:
         hold = self._holds.get(hold_id)
         if hold is None:
             return Result(Code.HOLD_NOT_FOUND, op_id, now)
-        if hold.state != _OPEN:
+        if hold.state != OPEN:
             return Result(_ENDED_CODE[hold.state], op_id, now, hold.tenant.tenant_id)
         return hold
 
-    def _end(self, hold: _Hold, state: int, debit: int, now: datetime) -> int:
+    def _end(self, hold: HoldState, state: int, debit: int, now: datetime) -> int:
         """Ends an open hold: debits ``debit`` from its allocation in order, frees the rest."""
         rest = debit
         for g, take in hold.allocation:
@@ -271,7 +233,7 @@ class Ledger:
         assert rest == 0
         hold.state = state
         hold.debited = debit
-        hold.allocation = _NO_ALLOCATION  # only an open hold needs it; an ended one is kept for idempotency
+        hold.allocation = NO_ALLOCATION  # only an open hold needs it; an ended one is kept for idempotency
         self._open -= 1
         tenant = hold.tenant
         del tenant.open_holds[hold.hold_id]
@@ -285,7 +247,7 @@ class Ledger:
         if hold is None:
             return Result(Code.HOLD_NOT_FOUND, op.op_id, now)
         tenant_id = hold.tenant.tenant_id
-        if hold.state != _OPEN and hold.state != _EXPIRED:
+        if hold.state != OPEN and hold.state != EXPIRED:
             return Result(_ENDED_CODE[hold.state], op.op_id, now, tenant_id)
         amount = op.micro_credits
         if type(amount) is not int or amount < 0:
@@ -293,21 +255,21 @@ class Ledger:
         if amount > hold.micro_credits:
             return Result(Code.SETTLE_EXCEEDS_HOLD, op.op_id, now, tenant_id, amount)
         self._forgettable.append((now, op.op_id))
-        if hold.state == _OPEN:
-            released = self._end(hold, _SETTLED, amount, now)
+        if hold.state == OPEN:
+            released = self._end(hold, SETTLED, amount, now)
             if now < hold.expires_at:
                 return Result(_OK, op.op_id, now, tenant_id, amount, released)
             return Result(_OK, op.op_id, now, tenant_id, amount, released, late=True)
         return Result(_OK, op.op_id, now, tenant_id, self._settle_expired(hold, amount, now), late=True)
 
-    def _settle_expired(self, hold: _Hold, amount: int, now: datetime) -> int:
+    def _settle_expired(self, hold: HoldState, amount: int, now: datetime) -> int:
         """Debits up to ``amount`` from the live balance, burn order, for a hold whose credit went back:
         the request ran past its hold. Returns the debit (less than ``amount`` when the balance is)."""
-        allocation, rest = _free_credit(hold.tenant.burnable, amount, now)
+        allocation, rest = free_credit(hold.tenant.burnable, amount, now)
         for g, take in allocation:
             g.spent += take
         debit = amount - rest
-        hold.state, hold.debited = _SETTLED, debit  # ends it again: its hold id stays queued from the expiry
+        hold.state, hold.debited = SETTLED, debit  # ends it again: its hold id stays queued from the expiry
         hold.tenant.spent += debit
         self._debited += debit
         return debit
@@ -316,7 +278,7 @@ class Ledger:
         hold = self._open_hold(op.op_id, op.hold_id, now)
         if isinstance(hold, Result):
             return hold
-        released = self._end(hold, _RELEASED, 0, now)
+        released = self._end(hold, RELEASED, 0, now)
         self._forgettable.append((now, op.op_id))
         return Result(_OK, op.op_id, now, hold.tenant.tenant_id, released=released)
 
@@ -328,8 +290,8 @@ class Ledger:
             _, hold_id = heapq.heappop(heap)
             hold = self._holds.get(hold_id)
             # expires_at: the entry may be a forgotten hold's whose id a newer, later hold reuses
-            if hold is not None and hold.state == _OPEN and hold.expires_at <= now:
-                released += self._end(hold, _EXPIRED, 0, now)
+            if hold is not None and hold.state == OPEN and hold.expires_at <= now:
+                released += self._end(hold, EXPIRED, 0, now)
                 ended.append(hold_id)
         self._forget(now)
         self._forgettable.append((now, op.op_id))
@@ -342,7 +304,7 @@ class Ledger:
         self._forget(now)
         heap, holds = self._expiry_heap, self._holds
         if len(heap) > 2 * self._open + _HEAP_SLACK:
-            heap[:] = [e for e in heap if (h := holds.get(e[1])) is not None and h.state == _OPEN]
+            heap[:] = [e for e in heap if (h := holds.get(e[1])) is not None and h.state == OPEN]
             heapq.heapify(heap)
 
     def _forget(self, now: datetime) -> None:
@@ -352,7 +314,7 @@ class Ledger:
             op_id = forgettable.popleft()[1]
             self._done.pop(op_id, None)
             hold = holds.get(op_id)
-            if hold is not None and hold.state != _OPEN:
+            if hold is not None and hold.state != OPEN:
                 del holds[op_id]
                 self._forgotten_debits += hold.debited
 
@@ -361,7 +323,7 @@ class Ledger:
     def next_hold_expiry(self) -> datetime | None:
         """When the earliest open hold times out (when to send ``ExpireHolds``), or None."""
         heap = self._expiry_heap
-        while heap and (h := self._holds.get(heap[0][1])) is not None and h.state != _OPEN:
+        while heap and (h := self._holds.get(heap[0][1])) is not None and h.state != OPEN:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
@@ -404,8 +366,8 @@ class Ledger:
         settled = self._forgotten_debits
         for hold in self._holds.values():
             settled += hold.debited
-            _check(hold.debited == 0 or hold.state == _SETTLED, f"hold {hold.hold_id} debited unsettled")
-            if hold.state == _OPEN:
+            _check(hold.debited == 0 or hold.state == SETTLED, f"hold {hold.hold_id} debited unsettled")
+            if hold.state == OPEN:
                 _check(sum(t for _, t in hold.allocation) == hold.micro_credits, f"hold {hold.hold_id} allocation")
                 _check(hold.tenant.open_holds.get(hold.hold_id) is hold, f"hold {hold.hold_id} not listed open")
                 for g, take in hold.allocation:
@@ -428,24 +390,6 @@ class Ledger:
             spent_total == self._debited == settled,
             f"Σ grant debits {spent_total}, ledger {self._debited}, settled holds {settled}",
         )
-
-
-def _free_credit(grants: Iterable[_Grant], amount: int, now: datetime) -> tuple[list[tuple[_Grant, int]], int]:
-    """Up to ``amount`` of the free credit of live grants, earliest expiry first: ``(grant, take)`` pairs,
-    and the part of ``amount`` they could not cover."""
-    need = amount
-    allocation: list[tuple[_Grant, int]] = []
-    for g in grants:
-        if need == 0:
-            break
-        if g.expires_at <= now:
-            continue
-        free = g.micro_credits - g.spent - g.reserved
-        if free > 0:
-            take = free if free < need else need
-            allocation.append((g, take))
-            need -= take
-    return allocation, need
 
 
 def _check(cond: bool, message: str) -> None:

@@ -11,11 +11,12 @@ from openai.types.chat import ChatCompletionChunk
 from ray.exceptions import ActorDiedError, RayTaskError
 from starlette.requests import Request
 
-from apps.gateway import Meter, _sse, api_error, read_body
+from apps.wire import api_error, read_body, sse_frames
 from orch.billing import Principal
 from orch.engine import Delta
 from orch.errors import EngineUnavailable, InvalidRequest, PayloadTooLarge
 from orch.ledger import Price
+from orch.metering import Meter
 from orch.protocol import ChunkWriter
 
 
@@ -95,7 +96,7 @@ def test_sse_streams_a_whole_completion_and_settles_before_done() -> None:
     stream = FakeStream([Delta("is", 10, 2), Delta(".", 10, 3, "stop")])
     writer = ChunkWriter(chat=True, request_id="chatcmpl-x", model="m", include_usage=True)
     settle = FakeSettle()
-    raw = asyncio.run(_drain(_sse(writer, _meter(Delta("Par", 10, 1)), stream, settle)))  # type: ignore[arg-type]
+    raw = asyncio.run(_drain(sse_frames(writer, _meter(Delta("Par", 10, 1)), stream, settle)))  # type: ignore[arg-type]
     chunks = [ChatCompletionChunk.model_validate(f) for f in _frames(raw)]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Paris."
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
@@ -107,7 +108,7 @@ def test_sse_reports_engine_failure_in_band_and_settles_what_was_produced() -> N
     stream = FakeStream([Delta("a", 1, 2), Delta("b", 1, 3)], fail_after=1)
     writer = ChunkWriter(chat=False, request_id="cmpl-x", model="m", include_usage=False)
     settle = FakeSettle()
-    raw = asyncio.run(_drain(_sse(writer, _meter(Delta("x", 1, 1)), stream, settle)))  # type: ignore[arg-type]
+    raw = asyncio.run(_drain(sse_frames(writer, _meter(Delta("x", 1, 1)), stream, settle)))  # type: ignore[arg-type]
     assert _frames(raw)[-1]["error"]["type"] == "service_unavailable_error"
     assert raw.endswith(b"data: [DONE]\n\n")
     assert settle.calls == [("error", 2)]
@@ -119,7 +120,7 @@ def test_sse_closed_early_cancels_the_engine_stream_and_settles_as_aborted() -> 
     settle = FakeSettle()
 
     async def client_goes_away() -> None:
-        gen = _sse(writer, _meter(Delta("a", 1, 1)), stream, settle)  # type: ignore[arg-type]
+        gen = sse_frames(writer, _meter(Delta("a", 1, 1)), stream, settle)  # type: ignore[arg-type]
         await _drain(gen, limit=3)
         await gen.aclose()  # what the server does when the client disconnects
 
@@ -134,7 +135,7 @@ def test_sse_of_a_one_delta_completion_closed_at_once_still_settles() -> None:
     settle = FakeSettle()
 
     async def client_goes_away() -> None:
-        gen = _sse(writer, _meter(Delta("Hi.", 5, 1, "stop")), stream, settle)  # type: ignore[arg-type]
+        gen = sse_frames(writer, _meter(Delta("Hi.", 5, 1, "stop")), stream, settle)  # type: ignore[arg-type]
         await _drain(gen, limit=1)
         await gen.aclose()
 
