@@ -274,7 +274,7 @@ class Leases:
         ttl = self.settings.ttl_s
         if give_back and lease.in_flight == 0:
             lease.held = lease.flushing
-            return Renewal(lease.tenant_id, settle, rows, None, (), 0, ttl)
+            return Renewal(lease.tenant_id, settle, rows, None, (), ttl)
         # The settle frees ``keep`` and nothing runs in between, so the next hold can always be that big.
         keep = lease.held - lease.flushing if lease.hold_id is not None else 0
         want = self._want(lease, need, now)
@@ -282,7 +282,7 @@ class Leases:
         amounts = sorted({a for a in (want, lease.in_flight + need, keep) if a >= least}, reverse=True)
         lease.held = least + lease.flushing  # until the answer: admit only against what the lease surely gets
         hold_id = f"{self._prefix}-{next(self._seq)}"  # never reused: a retry's EXISTS is this renewal's own
-        return Renewal(lease.tenant_id, settle, rows, hold_id, tuple(amounts), lease.in_flight, ttl)
+        return Renewal(lease.tenant_id, settle, rows, hold_id, tuple(amounts), ttl)
 
     async def _renew_now(self, lease: Lease, need: int, give_back: bool) -> None:
         try:

@@ -15,15 +15,14 @@ log = logging.getLogger(__name__)
 class Renewal(NamedTuple):
     """Closes a lease hold with the cost of a batch (``settle`` with its ``usage`` rows, Σ cost equal to
     the settle) and opens the next one (``hold_id``) of the first of ``amounts`` the balance can take;
-    when none fits, of what is free up to ``floor`` (what requests still running reserved: a lease
-    whose old hold had expired). ``hold_id`` None returns the lease."""
+    when none fits, of all that is free (up to the largest; a lease whose old hold had expired may then
+    cover less than what runs on it). ``hold_id`` None returns the lease."""
 
     tenant_id: str
     settle: Settle | None
     usage: tuple[UsageRow, ...]
     hold_id: str | None
     amounts: tuple[int, ...]  # largest first
-    floor: int
     timeout_s: int
 
 
@@ -59,7 +58,9 @@ def apply_renewal(ledger: Ledger, renewal: Renewal) -> tuple[Renewed, Committed]
                 op = Hold(renewal.hold_id, renewal.tenant_id, amount, renewal.timeout_s)
                 hold = ledger.apply(op)
                 if hold.code is Code.INSUFFICIENT_CREDITS and amount == amounts[-1]:
-                    short = min(renewal.floor, hold.available)  # cover what runs as far as the balance goes
+                    # None fits: as much of the largest as the balance has (bounded by the balance, a lease
+                    # strands less than one request's worth), which covers what runs as far as it goes.
+                    short = min(amounts[0], hold.available)
                     if short > 0:
                         op = op._replace(micro_credits=short)
                         hold = ledger.apply(op)

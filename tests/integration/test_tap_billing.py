@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from orch.ledger import Price, cost
-from tests.integration.conftest import MODEL, NUM_GPUS, Stack, cli
+from tests.integration.conftest import MODEL, NUM_GPUS, TAP_REPLICAS, Stack, cli
 
 pytestmark = pytest.mark.integration
 
@@ -182,7 +182,8 @@ def test_200_concurrent_streams_never_overspend(stack: Stack, ray_driver: None) 
     statuses = [s for s, _ in results]
     ok = [u for s, u in results if s == 200]
     assert set(statuses) <= {200, 402}, statuses
-    assert 20 <= len(ok) < 200 and statuses.count(402) >= 1, (len(ok), statuses.count(402))
+    # The grant covers 20.5 worst cases at once; each replica's lease may strand less than one of them.
+    assert 20 - (TAP_REPLICAS - 1) <= len(ok) < 200 and statuses.count(402) >= 1, (len(ok), statuses.count(402))
     a = account(stack, tenant)
     assert a["held_micro_credits"] == 0 and a["balance_micro_credits"] >= 0
     charged = sum(cost(PRICE, u["prompt_tokens"], u["completion_tokens"]) for u in ok if u)

@@ -251,13 +251,27 @@ def test_a_renewal_frees_the_old_hold_before_taking_the_next() -> None:
     ledger.apply(CreateTenant("c", T, "acme"))
     ledger.apply(GrantCredits("g", T, 1_000))
     assert ledger.apply(Hold("l1", T, 1_000, 30)).code is Code.OK
-    renewed, done = apply_renewal(ledger, Renewal(T, Settle("s1", "l1", 10), (row("a", 10),), "l2", (990,), 0, 30))
+    renewed, done = apply_renewal(ledger, Renewal(T, Settle("s1", "l1", 10), (row("a", 10),), "l2", (990,), 30))
     assert renewed.hold is not None and renewed.hold.code is Code.OK and renewed.hold.micro_credits == 990
     assert [type(op).__name__ for op, _, _ in done] == ["Settle", "Hold"]
-    again, redone = apply_renewal(ledger, Renewal(T, Settle("s1", "l1", 10), (row("a", 10),), "l2", (990,), 0, 30))
+    again, redone = apply_renewal(ledger, Renewal(T, Settle("s1", "l1", 10), (row("a", 10),), "l2", (990,), 30))
     assert again.hold is not None and again.hold.ok and again.hold.micro_credits == 990 and redone == []
     with pytest.raises(ValueError):
-        apply_renewal(ledger, Renewal(T, Settle("s2", "l2", 10), (row("b", 9),), None, (), 0, 30))
+        apply_renewal(ledger, Renewal(T, Settle("s2", "l2", 10), (row("b", 9),), None, (), 30))
+
+
+def test_a_renewal_larger_than_the_balance_takes_all_that_is_free() -> None:
+    """Bounded by the balance, not refused: a lease asking past it gets what is free, so two replicas'
+    leases strand less than one request's worth each (never a whole tier of the amounts asked)."""
+    ledger = Ledger(clock=lambda: datetime(2026, 11, 27, tzinfo=UTC))
+    ledger.apply(CreateTenant("c", T, "acme"))
+    ledger.apply(GrantCredits("g", T, 1_000))
+    assert ledger.apply(Hold("other", T, 333, 30)).code is Code.OK  # another replica's lease
+    renewed, done = apply_renewal(ledger, Renewal(T, None, (), "l1", (5_000, 800, 700), 30))
+    assert renewed.hold is not None and renewed.hold.code is Code.OK and renewed.hold.micro_credits == 667
+    assert [type(op).__name__ for op, _, _ in done] == ["Hold"] and ledger.account(T).balance == 0
+    nothing, none_done = apply_renewal(ledger, Renewal(T, None, (), "l2", (10,), 30))
+    assert nothing.hold is not None and nothing.hold.code is Code.INSUFFICIENT_CREDITS and none_done == []
 
 
 def test_a_lease_meter_is_settled_in_the_lease_batch_without_a_ledger_call() -> None:
