@@ -143,10 +143,14 @@ def _check_admin_key() -> None:
 def _check_port(config: dict[str, Any], own: ClusterState | None, root: Path) -> None:
     """Refuses a port that a process outside this stack's own Ray head listens on: Ray's proxies set
     SO_REUSEPORT, so two stacks on one port would split connections between their tenants and ledgers."""
+    import psutil
+
     from orch.control.cluster import descends_from, listeners
 
     port = int((config.get("http_options") or {}).get("port", 8000))
-    foreign = [pid for pid in listeners(port) if pid is None or own is None or not descends_from(pid, own.pid)]
+    # A listener gone meanwhile (Serve's HAProxy mode replaces its haproxy process on every reload) holds nothing.
+    foreign = [pid for pid in listeners(port) if pid is None or own is None
+               or (not descends_from(pid, own.pid) and psutil.pid_exists(pid))]  # fmt: skip
     if foreign:
         who = f"pid {foreign[0]}" if foreign[0] is not None else "another process"
         raise RuntimeError(
