@@ -225,6 +225,8 @@ class OpenAIFront:
             frequency_penalty=req.frequency_penalty,
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
+            logprobs=req.logprobs_wanted(),
+            structured=req.structured(),
             **prompt,
         )
         stream: ModelStream | None = None
@@ -278,9 +280,12 @@ class OpenAIFront:
     async def _collect(self, chat: bool, meter: Meter, stream: ModelStream) -> Response:
         assert meter.last is not None
         parts = [meter.last.text]
+        logprobs = list(meter.last.logprobs) if meter.last.logprobs is not None else None
         try:
             async for delta in stream:
                 parts.append(delta.text)
+                if logprobs is not None and delta.logprobs is not None:
+                    logprobs.extend(delta.logprobs)
                 meter.last = delta
         except BaseException as exc:
             stream.cancel()
@@ -291,7 +296,7 @@ class OpenAIFront:
         build = chat_completion if chat else text_completion
         body = build(
             meter.request_id, meter.model, "".join(parts), last.finish_reason, last.prompt_tokens,
-            last.completion_tokens,
+            last.completion_tokens, logprobs,
         )  # fmt: skip
         return JSONResponse(body, headers=overhead_header(meter))
 

@@ -94,11 +94,11 @@ async def sse_frames(
     first = meter.last
     finished = False
     try:
-        yield writer.first() + writer.delta(first.text, first.finish_reason)
+        yield writer.first() + writer.delta(first.text, first.finish_reason, first.logprobs)
         if first.finish_reason is None:
             async for delta in stream:
                 meter.last = delta
-                yield writer.delta(delta.text, delta.finish_reason)
+                yield writer.delta(delta.text, delta.finish_reason, delta.logprobs)
         finished = True
     except Exception as exc:
         finished = True  # the stream is over; only the report is left

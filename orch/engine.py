@@ -42,6 +42,17 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: int | None = None  # per sampled token its logprob and this many of the most likely (0..20)
+    structured: dict[str, Any] | None = None  # {"json": schema} or {"json_object": True}: vLLM's structured outputs
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token: its text, its logprob, and the ``top`` most likely tokens there, most likely first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +65,7 @@ class Delta:
     finish_reason: str | None = None
     # Since the engine took the request (tokenising included): the tap's overhead is the rest. A timing, not content.
     engine_ms: float = field(default=0.0, compare=False)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of this delta, when asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +203,17 @@ class VLLMEngine:
                 code="context_length_exceeded",
             )
         optional: dict[str, Any] = {
+            "logprobs": request.logprobs,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "seed": request.seed,
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
         }
+        if request.structured is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            optional["structured_outputs"] = StructuredOutputsParams(**request.structured)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -231,7 +248,10 @@ class VLLMEngine:
                 completion = out.outputs[0]
                 produced += len(completion.token_ids)
                 spent = (time.monotonic() - taken) * 1000
-                yield Delta(completion.text, len(ids), produced, completion.finish_reason, spent)
+                logprobs = None
+                if request.logprobs is not None and completion.logprobs is not None:
+                    logprobs = self._token_logprobs(completion.token_ids, completion.logprobs, request.logprobs)
+                yield Delta(completion.text, len(ids), produced, completion.finish_reason, spent, logprobs)
         except APIError:
             raise
         except VLLMClientError as exc:
@@ -242,6 +262,27 @@ class VLLMEngine:
         except Exception as exc:
             log.warning("engine failed on %s: %s", request.request_id, type(exc).__name__)
             raise EngineUnavailable("The model engine failed; retry later.", code="engine_error") from None
+
+    def _token_logprobs(self, token_ids: Any, per_token: Any, top: int) -> tuple[TokenLogprob, ...]:
+        """vLLM's logprobs of new tokens (a dict per token: id -> Logprob with rank and decoded text, the
+        sampled one always in it), each as a TokenLogprob with the ``top`` best by rank."""
+        out = []
+        for token_id, entries in zip(token_ids, per_token, strict=False):
+            chosen = entries[token_id]
+            best = sorted((e for e in entries.items() if e[1].rank is not None and e[1].rank <= top),
+                          key=lambda e: e[1].rank)[:top]  # fmt: skip
+            out.append(
+                TokenLogprob(
+                    self._token_text(token_id, chosen),
+                    max(chosen.logprob, -9999.0),
+                    tuple((self._token_text(i, lp), max(lp.logprob, -9999.0)) for i, lp in best),
+                )
+            )
+        return tuple(out)
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        text = logprob.decoded_token
+        return text if text is not None else str(self._tokenizer.decode([token_id]))
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

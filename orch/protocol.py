@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -42,6 +43,40 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: free text, any JSON object, or JSON that validates against a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema', and only with it")
+        return self
+
+    def structured(self) -> dict[str, Any] | None:
+        """vLLM's structured-output setting for this format (None: free text).
+
+        >>> ResponseFormat(type="json_object").structured()
+        {'json_object': True}
+        """
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.json_schema is not None:
+            return {"json": self.json_schema.json_schema or {"type": "object"}}
+        return None
 
 
 class StreamOptions(BaseModel):
@@ -107,6 +142,9 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _max_tokens_alias(self) -> ChatCompletionRequest:
@@ -115,20 +153,25 @@ class ChatCompletionRequest(_Sampling):
         return self
 
     def check_supported(self) -> None:
-        self._refuse("tools", "functions", "logprobs", "top_logprobs", "audio", "prediction")
-        fmt = (self.model_extra or {}).get("response_format")
-        if fmt not in (None, {"type": "text"}):
+        self._refuse("tools", "functions", "audio", "prediction")
+        if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest(
-                "'response_format' other than text is not supported by this server.",
-                param="response_format",
-                code="unsupported_parameter",
+                "Invalid 'top_logprobs': 'logprobs' must be true to use it.", param="top_logprobs", code="invalid_value"
             )
+
+    def logprobs_wanted(self) -> int | None:
+        """How many top logprobs per token the engine computes (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def structured(self) -> dict[str, Any] | None:
+        return self.response_format.structured() if self.response_format is not None else None
 
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` body."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -142,7 +185,13 @@ class CompletionRequest(_Sampling):
         return prompt
 
     def check_supported(self) -> None:
-        self._refuse("echo", "logprobs", "suffix", "best_of")
+        self._refuse("echo", "suffix", "best_of")
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    def structured(self) -> dict[str, Any] | None:
+        return None
 
 
 def parse_request(model: type[_Sampling], body: bytes) -> Any:
@@ -227,8 +276,62 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+class TokenLogprobLike(Protocol):
+    """``orch.engine.TokenLogprob``: a sampled token, its logprob and the most likely tokens there."""
+
+    @property
+    def token(self) -> str: ...
+    @property
+    def logprob(self) -> float: ...
+    @property
+    def top(self) -> tuple[tuple[str, float], ...]: ...
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", "replace"))
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprobLike]) -> dict[str, Any]:
+    """A chat choice's ``logprobs``: per token its logprob, bytes and ``top_logprobs``, most likely first.
+
+    >>> from orch.engine import TokenLogprob
+    >>> chat_logprobs([TokenLogprob("Hi", -0.5, (("Hi", -0.5), ("Hey", -1.2)))])["content"][0]["top_logprobs"][1]
+    {'token': 'Hey', 'logprob': -1.2, 'bytes': [72, 101, 121]}
+    """
+    content = [
+        {
+            "token": t.token,
+            "logprob": t.logprob,
+            "bytes": _bytes(t.token),
+            "top_logprobs": [{"token": tok, "logprob": lp, "bytes": _bytes(tok)} for tok, lp in t.top],
+        }
+        for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(tokens: Sequence[TokenLogprobLike], offset: int = 0) -> dict[str, Any]:
+    """A text completion choice's ``logprobs`` (the legacy shape); ``offset``: characters before these tokens."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
 def chat_completion(
-    request_id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    logprobs: Sequence[TokenLogprobLike] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": request_id,
@@ -239,7 +342,7 @@ def chat_completion(
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
+                "logprobs": chat_logprobs(logprobs) if logprobs is not None else None,
                 "finish_reason": finish_reason,
             }
         ],
@@ -248,14 +351,21 @@ def chat_completion(
 
 
 def text_completion(
-    request_id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    logprobs: Sequence[TokenLogprobLike] | None = None,
 ) -> dict[str, Any]:
+    lp = text_logprobs(logprobs) if logprobs is not None else None
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}],
         "usage": usage_dict(prompt_tokens, completion_tokens),
     }
 
@@ -271,6 +381,7 @@ class ChunkWriter:
     def __init__(self, *, chat: bool, request_id: str, model: str, include_usage: bool) -> None:
         self.chat = chat
         self.include_usage = include_usage
+        self._offset = 0  # text completions' logprobs: characters streamed so far
         self._base: dict[str, Any] = {
             "id": request_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -291,11 +402,17 @@ class ChunkWriter:
         delta = {"role": "assistant", "content": ""}
         return self._frame([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
-    def delta(self, text: str, finish_reason: str | None) -> bytes:
+    def delta(self, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprobLike] | None = None) -> bytes:
+        """One chunk; ``logprobs``: the chunk's tokens', when the request asked for them."""
         if self.chat:
             delta = {"content": text} if text or finish_reason is None else {}
-            return self._frame([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
-        return self._frame([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+            lp = chat_logprobs(logprobs) if logprobs is not None else None
+            return self._frame([{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}])
+        lp = None
+        if logprobs is not None:
+            lp = text_logprobs(logprobs, self._offset)
+            self._offset += sum(len(t.token) for t in logprobs)
+        return self._frame([{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}])
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return self._frame([], usage_dict(prompt_tokens, completion_tokens))

@@ -8,6 +8,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from orch.engine import TokenLogprob
 from orch.errors import InvalidRequest
 from orch.protocol import (
     ChatCompletionRequest,
@@ -62,10 +63,46 @@ def test_only_one_choice() -> None:
 
 def test_unsupported_features_are_refused_not_ignored() -> None:
     assert _raises(ChatCompletionRequest, {**CHAT, "tools": [{"type": "function"}]}).param == "tools"
-    assert _raises(ChatCompletionRequest, {**CHAT, "logprobs": True}).param == "logprobs"
-    fmt = {**CHAT, "response_format": {"type": "json_object"}}
-    assert _raises(ChatCompletionRequest, fmt).param == "response_format"
     assert _raises(CompletionRequest, {"model": "m", "prompt": "x", "echo": True}).param == "echo"
+
+
+def test_logprobs_and_response_format_are_checked_and_mapped() -> None:
+    assert _raises(ChatCompletionRequest, {**CHAT, "top_logprobs": 3}).param == "top_logprobs"  # logprobs false
+    assert _raises(ChatCompletionRequest, {**CHAT, "logprobs": True, "top_logprobs": 21}).param == "top_logprobs"
+    assert _raises(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 6}).param == "logprobs"
+    chat = parse_request(ChatCompletionRequest, json.dumps({**CHAT, "logprobs": True, "top_logprobs": 5}).encode())
+    assert chat.logprobs_wanted() == 5
+    assert parse_request(ChatCompletionRequest, json.dumps({**CHAT, "logprobs": True}).encode()).logprobs_wanted() == 0
+    assert parse_request(ChatCompletionRequest, json.dumps(CHAT).encode()).logprobs_wanted() is None
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+    req = parse_request(ChatCompletionRequest, json.dumps({**CHAT, "response_format": fmt}).encode())
+    assert req.structured() == {"json": schema}
+    json_object = {**CHAT, "response_format": {"type": "json_object"}}
+    assert parse_request(ChatCompletionRequest, json.dumps(json_object).encode()).structured() == {"json_object": True}
+    text = {**CHAT, "response_format": {"type": "text"}}
+    assert parse_request(ChatCompletionRequest, json.dumps(text).encode()).structured() is None
+    no_schema = {**CHAT, "response_format": {"type": "json_schema"}}
+    assert _raises(ChatCompletionRequest, no_schema).param == "response_format"
+    assert _raises(ChatCompletionRequest, {**CHAT, "response_format": {"type": "yaml"}}).param == "response_format.type"
+
+
+def test_logprobs_shapes_match_openai_types_streamed_and_whole() -> None:
+    tokens = [TokenLogprob("Par", -0.1, (("Par", -0.1), ("Lon", -2.5))), TokenLogprob("is", -0.01, (("is", -0.01),))]
+    chat = ChatCompletion.model_validate(chat_completion("c", "m", "Paris", "stop", 5, 2, tokens))
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert [c.token for c in content] == ["Par", "is"] and content[0].top_logprobs[1].logprob == -2.5  # type: ignore[index]
+    assert bytes(content[0].bytes or []) == b"Par"
+    text = Completion.model_validate(text_completion("t", "m", "Paris", "stop", 5, 2, tokens))
+    assert text.choices[0].logprobs.text_offset == [0, 3]  # type: ignore[union-attr]
+    writer = ChunkWriter(chat=False, request_id="t", model="m", include_usage=False)
+    writer.delta("Par", None, tokens[:1])
+    second = json.loads(writer.delta("is", "stop", tokens[1:])[6:])
+    assert second["choices"][0]["logprobs"]["text_offset"] == [3]  # offsets run across chunks
+    chunk = ChatCompletionChunk.model_validate_json(
+        ChunkWriter(chat=True, request_id="c", model="m", include_usage=False).delta("Par", None, tokens[:1])[6:]
+    )
+    assert chunk.choices[0].logprobs.content[0].token == "Par"  # type: ignore[union-attr,index]
 
 
 def test_unknown_fields_are_accepted() -> None:

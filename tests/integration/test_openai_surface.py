@@ -1,0 +1,87 @@
+"""More of the OpenAI surface on the session's stack, through the official ``openai`` client unmodified:
+structured output (``response_format``) and logprobs, streamed and not, on the default model."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from tests.integration.conftest import MODEL, Stack
+
+pytestmark = pytest.mark.integration
+
+PLACE = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"type": "string"}, "population": {"type": "integer"}},
+    "required": ["city", "country", "population"],
+    "additionalProperties": False,
+}
+ASK = [{"role": "user", "content": "Name a large city, its country and its population, as JSON."}]
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.v1, api_key=stack.key, max_retries=0, timeout=300)
+
+
+def test_json_schema_answers_validate_greedy_and_sampled(client: openai.OpenAI) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": PLACE, "strict": True}}
+    answers = []
+    for i in range(10):
+        sampling = {"temperature": 0.0} if i < 5 else {"temperature": 1.0, "seed": i}
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            max_tokens=80,
+            response_format=fmt,
+            **sampling,  # type: ignore[arg-type]
+        )
+        answers.append(reply.choices[0].message.content or "")
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), PLACE)  # raises on any answer that does not validate
+    assert len(set(answers[5:])) > 1  # sampled answers differ: the schema constrains, it does not fix the text
+
+
+def test_json_object_streams_a_json_object(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=80, temperature=0, response_format={"type": "json_object"}, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert isinstance(json.loads(text), dict), text
+
+
+def test_top_logprobs_are_five_sorted_and_hold_the_chosen_token(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=12, temperature=0, logprobs=True, top_logprobs=5
+    )
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == reply.usage.completion_tokens == 12  # type: ignore[union-attr]
+    for entry in content:
+        top = [t.logprob for t in entry.top_logprobs]
+        assert len(top) == 5 and top == sorted(top, reverse=True) and all(lp <= 0 for lp in top)
+        assert entry.logprob <= 0 and entry.token in [t.token for t in entry.top_logprobs]
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [e for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content or []]  # fmt: skip
+    assert [e.token for e in streamed] == [e.token for e in content]  # the same greedy tokens, chunk by chunk
+    assert all(len(e.top_logprobs) == 2 for e in streamed)
+
+
+def test_completions_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                      temperature=0, logprobs=3)  # fmt: skip
+    lp = reply.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and len(lp.tokens) == 6
+    assert "".join(lp.tokens) == reply.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    # Three per token (fewer only where two tokens decode to the same text: the legacy shape is a dict).
+    assert lp.top_logprobs and all(1 <= len(top) <= 3 for top in lp.top_logprobs)
+    assert all(tok in top for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))  # greedy: chosen is top
