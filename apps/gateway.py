@@ -193,27 +193,27 @@ class OpenAIFront:
     async def _chat(self, request: Request, principal: Principal) -> Response:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await read_body(request))
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        t0 = request.scope["orch.t0"]
-        return await self._complete(req, principal, new_id("chatcmpl"), t0, chat=True, messages=messages)
+        return await self._complete(req, principal, new_id("chatcmpl"), request, chat=True, messages=messages)
 
     async def _completions(self, request: Request, principal: Principal) -> Response:
         req: CompletionRequest = parse_request(CompletionRequest, await read_body(request))
-        t0 = request.scope["orch.t0"]
-        return await self._complete(req, principal, new_id("cmpl"), t0, chat=False, prompt=req.prompt)
+        return await self._complete(req, principal, new_id("cmpl"), request, chat=False, prompt=req.prompt)
 
     async def _complete(
         self,
         req: ChatCompletionRequest | CompletionRequest,
         principal: Principal,
         request_id: str,
-        t0: float,
+        http: Request,
         *,
         chat: bool,
         **prompt: Any,
     ) -> Response:
         model = self._model(req.model)
         meter = await self._admit(principal, req, request_id, model, prompt)
-        meter.t0 = t0
+        meter.t0 = http.scope["orch.t0"]
+        meter.end_user = req.user
+        meter.http_request_id = (http.headers.get("x-request-id") or "")[:200] or None  # Serve sets one if absent
         gen = GenerationRequest(
             request_id=request_id,
             max_tokens=req.max_tokens,

@@ -56,6 +56,8 @@ class Meter:
     ttft_ms: int | None = None
     last: Delta | None = None
     settled: asyncio.Future[None] | None = None
+    end_user: str | None = None  # the request's ``user``
+    http_request_id: str | None = None  # its X-Request-Id
 
     def first_token(self) -> None:
         self.ttft_ms = round((time.monotonic() - self.t0) * 1000)
@@ -166,6 +168,8 @@ class Settler:
             round((time.monotonic() - meter.t0) * 1000),
             status,  # type: ignore[arg-type]
             last.finish_reason if last else None,
+            meter.end_user,
+            meter.http_request_id,
         )
         return charge, row
 

@@ -100,7 +100,7 @@ class _Sampling(_Request):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None  # recorded in the usage row
 
     @field_validator("n")
     @classmethod
@@ -460,7 +460,7 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
         raise validation_error(exc) from None
 
 
-GroupBy = Literal["day", "model"]
+GroupBy = Literal["day", "model", "user"]
 
 
 def parse_usage_query(params: dict[str, str]) -> tuple[datetime | None, datetime | None, GroupBy | None]:
@@ -489,6 +489,8 @@ def parse_usage_query(params: dict[str, str]) -> tuple[datetime | None, datetime
             ) from None
         times.append(at)
     group_by = params.get("group_by") or None
-    if group_by not in (None, "day", "model"):
-        raise InvalidRequest("Invalid 'group_by': expected 'day' or 'model'.", param="group_by", code="invalid_value")
+    if group_by not in (None, "day", "model", "user"):
+        raise InvalidRequest(
+            "Invalid 'group_by': expected 'day', 'model' or 'user'.", param="group_by", code="invalid_value"
+        )
     return times[0], times[1], group_by  # type: ignore[return-value]

@@ -61,6 +61,8 @@ class UsageRow(NamedTuple):
     latency_ms: int
     status: UsageStatus
     finish_reason: str | None
+    end_user: str | None = None  # the request's ``user`` (the tenant's own end user)
+    http_request_id: str | None = None  # X-Request-Id: the client's, or the one Serve made and echoed
 
 
 class ApiKeyRecord(NamedTuple):
@@ -95,7 +97,7 @@ class UsageTotals:
 
 @dataclass(frozen=True, slots=True)
 class UsageGroup:
-    key: str  # ISO day (group_by='day') or model name (group_by='model')
+    key: str  # ISO day (group_by='day'), model name ('model') or end user ('user'; '' for requests without)
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -105,8 +107,11 @@ class UsageGroup:
 @dataclass(frozen=True, slots=True)
 class UsageReport:
     totals: UsageTotals
-    group_by: Literal["day", "model"] | None
+    group_by: Literal["day", "model", "user"] | None
     rows: tuple[UsageGroup, ...] | tuple[UsageRow, ...]  # groups, or requests when group_by is None
+
+
+GROUP_KEYS = {"day": "strftime(ts, '%Y-%m-%d')", "model": "model", "user": "coalesce(end_user, '')"}
 
 
 class Audit(NamedTuple):
@@ -328,12 +333,12 @@ class Store:
         tenant_id: str | None,
         since: datetime | None = None,
         until: datetime | None = None,
-        group_by: Literal["day", "model"] | None = None,
+        group_by: Literal["day", "model", "user"] | None = None,
         limit: int = 1000,
         con: duckdb.DuckDBPyConnection | None = None,
     ) -> UsageReport:
         """Usage in ``[since, until)`` for one tenant (None: all): totals, and rows per day (UTC),
-        per model, or the latest ``limit`` requests (in time order) when ``group_by`` is None.
+        per model, per end user, or the latest ``limit`` requests (in time order) when ``group_by`` is None.
         ``con``: a :meth:`cursor` to run on, from another thread than the committing one."""
         con = con or self._con
         where, params = ["TRUE"], []
@@ -354,14 +359,14 @@ class Store:
                 f"SELECT {columns} FROM usage WHERE {cond} ORDER BY ts DESC LIMIT ?", [*params, limit]
             ).fetchall()
             rows = tuple(UsageRow(r[0], r[1].replace(tzinfo=UTC), *r[2:]) for r in reversed(found))
-        elif group_by in ("day", "model"):
-            key = "strftime(ts, '%Y-%m-%d')" if group_by == "day" else "model"
+        elif group_by in GROUP_KEYS:
+            key = GROUP_KEYS[group_by]
             found = con.execute(
                 f"SELECT {key} AS k, {sums} FROM usage WHERE {cond} GROUP BY k ORDER BY k", params
             ).fetchall()
             rows = tuple(UsageGroup(str(r[0]), *(int(v) for v in r[1:])) for r in found)
         else:
-            raise ValueError(f"group_by must be 'day', 'model' or None, not {group_by!r}")
+            raise ValueError(f"group_by must be one of {sorted(GROUP_KEYS)} or None, not {group_by!r}")
         return UsageReport(totals, group_by, rows)
 
     def audit(self) -> Audit:

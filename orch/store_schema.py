@@ -6,7 +6,7 @@ Tables: ``ops`` (the ledger's event log), ``api_keys``, ``usage``. Views over ``
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Tables first, then MIGRATIONS (a file of an older version has the tables without the newer columns),
 # then VIEWS, which may read the newer columns.
@@ -51,13 +51,17 @@ CREATE TABLE IF NOT EXISTS usage (
     ttft_ms           INTEGER,                -- NULL when no token was produced
     latency_ms        INTEGER      NOT NULL,
     status            usage_status NOT NULL,
-    finish_reason     VARCHAR                 -- stop, length, abort, ... as the engine said
+    finish_reason     VARCHAR,                -- stop, length, abort, ... as the engine said
+    end_user          VARCHAR,                -- the request's `user`
+    http_request_id   VARCHAR                 -- X-Request-Id, the client's or Serve's
 );
 """
 
 # version → the statements that bring a file of that version to the next one.
 MIGRATIONS = {
     1: "ALTER TABLE ops ADD COLUMN asked BIGINT; UPDATE schema_version SET version = 2;",
+    2: "ALTER TABLE usage ADD COLUMN IF NOT EXISTS end_user VARCHAR; "
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS http_request_id VARCHAR; UPDATE schema_version SET version = 3;",
 }
 
 VIEWS = """
@@ -122,5 +126,7 @@ USAGE_ARROW = pa.schema(
         ("latency_ms", pa.int32()),
         ("status", pa.string()),
         ("finish_reason", pa.string()),
+        ("end_user", pa.string()),
+        ("http_request_id", pa.string()),
     ]
 )

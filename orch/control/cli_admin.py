@@ -93,7 +93,7 @@ def add_parsers(sub: Any) -> None:
     usage.add_argument("tenant_id")
     usage.add_argument("--since", help="ISO date or time (UTC), inclusive")
     usage.add_argument("--until", help="ISO date or time (UTC), exclusive")
-    usage.add_argument("--group-by", choices=["day", "model"])
+    usage.add_argument("--group-by", choices=["day", "model", "user"])
     for p in (create, kc, kr, grant, account, usage, tenants.choices["list"]):
         p.add_argument("--url", help="the stack's base URL (default: the one `up` recorded)")
         p.add_argument("--json", action="store_true", help="print the API's JSON")
@@ -157,6 +157,6 @@ def _usage_text(u: dict[str, Any]) -> str:
     lines = [f"{t['requests']} requests, {t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} completion "
              f"tokens, {t['cost_micro_credits']:,} µc"]  # fmt: skip
     for r in u["data"]:
-        head = r.get("key") or f"{r['ts']} {r['model']} {r['status']}"
+        head = (r["key"] or "(no user)") if "key" in r else f"{r['ts']} {r['model']} {r['status']}"
         lines.append(f"  {head}: {r['prompt_tokens']} + {r['completion_tokens']} tokens, {r['cost_micro']:,} µc")
     return "\n".join(lines)

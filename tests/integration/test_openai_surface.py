@@ -85,3 +85,30 @@ def test_completions_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None
     # Three per token (fewer only where two tokens decode to the same text: the legacy shape is a dict).
     assert lp.top_logprobs and all(1 <= len(top) <= 3 for top in lp.top_logprobs)
     assert all(tok in top for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))  # greedy: chosen is top
+
+
+def test_user_and_request_id_are_recorded_and_usage_groups_by_user(stack: Stack) -> None:
+    import httpx
+
+    from tests.integration.test_tap_billing import account, new_tenant
+
+    tenant, key = new_tenant(stack, 10_000_000)
+    tenant_client = openai.OpenAI(base_url=stack.v1, api_key=key, max_retries=0, timeout=300)
+    for user in ("alice", "alice", "bob", None):
+        extra = {"user": user} if user else {}
+        tenant_client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, **extra)  # type: ignore[arg-type]
+    mine = tenant_client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ASK, max_tokens=2, user="carol", extra_headers={"X-Request-Id": "my-trace-42"}
+    )
+    assert mine.headers["x-request-id"] == "my-trace-42"  # echoed
+    account(stack, tenant)  # waits until every usage row is committed
+    headers = {"Authorization": f"Bearer {key}"}
+    rows = httpx.get(stack.v1 + "/usage", headers=headers, timeout=60).json()["data"]
+    assert [r["end_user"] for r in rows] == ["alice", "alice", "bob", None, "carol"]
+    assert rows[-1]["http_request_id"] == "my-trace-42" and all(
+        r["http_request_id"] for r in rows
+    )  # Serve made the rest
+    groups = httpx.get(stack.v1 + "/usage", params={"group_by": "user"}, headers=headers, timeout=60).json()
+    by_user = {g["key"]: (g["requests"], g["cost_micro"]) for g in groups["data"]}
+    assert {k: n for k, (n, _) in by_user.items()} == {"": 1, "alice": 2, "bob": 1, "carol": 1}
+    assert sum(c for _, c in by_user.values()) == groups["totals"]["cost_micro_credits"] > 0

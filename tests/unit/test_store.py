@@ -224,10 +224,10 @@ def test_views_show_tenants_grants_holds_and_debits(tmp_path: Path) -> None:
         assert sql("SELECT hold_id, micro_credits FROM debits").fetchall() == [("h1", 60)]
 
 
-def test_usage_totals_and_groups_by_day_and_model(tmp_path: Path) -> None:
+def test_usage_totals_and_groups_by_day_model_and_user(tmp_path: Path) -> None:
     rows = [
-        usage_row("a", 10, ts=T0, model="m1"),
-        usage_row("b", 20, ts=T0 + timedelta(seconds=2), model="m2", completion_tokens=7),  # next UTC day
+        usage_row("a", 10, ts=T0, model="m1", end_user="alice", http_request_id="req-a"),
+        usage_row("b", 20, ts=T0 + timedelta(seconds=2), model="m2", completion_tokens=7, end_user="bob"),  # next day
         usage_row("c", 30, ts=T0 + timedelta(days=1), model="m1", status="aborted", finish_reason="abort"),
         usage_row("d", 99, tenant_id="globex"),
     ]
@@ -240,6 +240,8 @@ def test_usage_totals_and_groups_by_day_and_model(tmp_path: Path) -> None:
         ]  # fmt: skip
         by_model = store.usage("acme", group_by="model")
         assert [(g.key, g.cost_micro) for g in by_model.rows] == [("m1", 40), ("m2", 20)]  # type: ignore[union-attr]
+        by_user = store.usage("acme", group_by="user")
+        assert [(g.key, g.cost_micro) for g in by_user.rows] == [("", 30), ("alice", 10), ("bob", 20)]  # type: ignore[union-attr]
         plain = store.usage("acme")
         assert plain.rows == tuple(rows[:3])  # typed rows back, UTC-aware, in time order
         assert store.usage(None).totals.cost_micro == 159
@@ -326,16 +328,19 @@ def test_a_version_1_file_is_migrated_when_the_writer_opens_it(tmp_path: Path) -
     path, clock = tmp_path / "ledger.duckdb", FakeClock()
     with Store(path) as store:
         seeded_ledger(store, clock)
-    con = duckdb.connect(str(path))  # what a version-1 file looks like: no `asked` column
+    con = duckdb.connect(str(path))  # what a version-1 file looks like: no `asked`, no usage `end_user`, ...
     con.execute("ALTER TABLE ops DROP COLUMN asked")
+    con.execute("ALTER TABLE usage DROP COLUMN end_user")
+    con.execute("ALTER TABLE usage DROP COLUMN http_request_id")
     con.execute("UPDATE schema_version SET version = 1")
     con.close()
     with pytest.raises(RuntimeError, match="schema version 1"):
         Store(path, read_only=True)  # a reader never writes: the writer migrates
     with Store(path) as store:
         assert [op.op_id for op, _ in store.load_ops()] == ["c-acme", "g-acme"]
+        assert store.usage("acme", group_by="user").totals.requests == 0  # the new usage columns are there
     with Store(path, read_only=True) as reader:
-        assert reader._one("SELECT max(version) FROM schema_version") == 2
+        assert reader._one("SELECT max(version) FROM schema_version") == 3
 
 
 def test_revoke_tap_keys_revokes_every_live_key_of_that_tap_only(tmp_path: Path) -> None:
