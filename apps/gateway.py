@@ -38,7 +38,7 @@ from apps.model_port import HandleModel, ModelPort, ModelStream
 from apps.wire import SettlingStream, api_error, error_response, overhead_header, read_body, sse_frames
 from orch.billing import KeyCache, Principal, PromptLimits, bearer_token, hold_amount, prompt_token_bound
 from orch.config import TapConfig, data_dir
-from orch.engine import Delta, GenerationRequest
+from orch.engine import Delta, GenerationRequest, TokenLogprob
 from orch.errors import (
     EngineUnavailable,
     Forbidden,
@@ -50,6 +50,7 @@ from orch.ledger import Price
 from orch.metering import Admission, Meter, Settler
 from orch.protocol import (
     ChatCompletionRequest,
+    Choice,
     ChunkWriter,
     CompletionRequest,
     chat_completion,
@@ -225,6 +226,7 @@ class OpenAIFront:
             frequency_penalty=req.frequency_penalty,
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
+            n=req.n,
             logprobs=req.logprobs_wanted(),
             structured=req.structured(),
             **prompt,
@@ -242,9 +244,11 @@ class OpenAIFront:
         meter.first_token()
         meter.last = first
         if req.stream:
-            writer = ChunkWriter(chat=chat, request_id=request_id, model=req.model, include_usage=req.include_usage)
+            writer = ChunkWriter(
+                chat=chat, request_id=request_id, model=req.model, include_usage=req.include_usage, n=req.n
+            )
             return SettlingStream(meter, stream, self._settle, sse_frames(writer, meter, stream, self._settle))
-        return await self._collect(chat, meter, stream)
+        return await self._collect(chat, req.n, meter, stream)
 
     async def _prompt_limits(self, name: str, model: ModelPort) -> PromptLimits:
         limits = self._limits.get(name)
@@ -272,21 +276,30 @@ class OpenAIFront:
         )
         if self._billing != "credits":
             return Meter(principal, req.model, price, request_id, None)
-        amount = hold_amount(price, limits, bound, req.max_tokens)
+        amount = hold_amount(price, limits, bound, req.max_tokens, req.n)
         limit = f"max_tokens {req.max_tokens}" if req.max_tokens else "no max_tokens (the rest of the context)"
+        limit += f", {req.n} choices" if req.n > 1 else ""
         why = f"a prompt of at most {bound} tokens and {limit}"
         return await self._admission.admit(principal, req.model, price, request_id, amount, why=why)
 
-    async def _collect(self, chat: bool, meter: Meter, stream: ModelStream) -> Response:
+    async def _collect(self, chat: bool, n: int, meter: Meter, stream: ModelStream) -> Response:
         assert meter.last is not None
-        parts = [meter.last.text]
-        logprobs = list(meter.last.logprobs) if meter.last.logprobs is not None else None
+        parts: list[list[str]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        logprobs: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if meter.last.logprobs is not None else None
+
+        def add(delta: Delta) -> None:
+            parts[delta.index].append(delta.text)
+            finish[delta.index] = delta.finish_reason or finish[delta.index]
+            if logprobs is not None and delta.logprobs is not None:
+                logprobs[delta.index].extend(delta.logprobs)
+
+        add(meter.last)
         try:
-            async for delta in stream:
-                parts.append(delta.text)
-                if logprobs is not None and delta.logprobs is not None:
-                    logprobs.extend(delta.logprobs)
-                meter.last = delta
+            if meter.last.finish_reason is None or n > 1:
+                async for delta in stream:
+                    add(delta)
+                    meter.last = delta
         except BaseException as exc:
             stream.cancel()
             self._settle(meter, "aborted" if isinstance(exc, asyncio.CancelledError) else "error")
@@ -294,10 +307,8 @@ class OpenAIFront:
         await asyncio.shield(self._settle(meter, "ok"))
         last = meter.last
         build = chat_completion if chat else text_completion
-        body = build(
-            meter.request_id, meter.model, "".join(parts), last.finish_reason, last.prompt_tokens,
-            last.completion_tokens, logprobs,
-        )  # fmt: skip
+        choices = [Choice("".join(parts[i]), finish[i], logprobs[i] if logprobs else None) for i in range(n)]
+        body = build(meter.request_id, meter.model, choices, last.prompt_tokens, last.completion_tokens)
         return JSONResponse(body, headers=overhead_header(meter))
 
 

@@ -94,11 +94,11 @@ async def sse_frames(
     first = meter.last
     finished = False
     try:
-        yield writer.first() + writer.delta(first.text, first.finish_reason, first.logprobs)
-        if first.finish_reason is None:
+        yield writer.first() + writer.delta(first.text, first.finish_reason, first.logprobs, first.index)
+        if first.finish_reason is None or writer.n > 1:
             async for delta in stream:
                 meter.last = delta
-                yield writer.delta(delta.text, delta.finish_reason, delta.logprobs)
+                yield writer.delta(delta.text, delta.finish_reason, delta.logprobs, delta.index)
         finished = True
     except Exception as exc:
         finished = True  # the stream is over; only the report is left

@@ -77,21 +77,24 @@ def prompt_token_bound(limits: PromptLimits, *, messages: Sequence[str] | None =
     return min(bound, limits.max_model_len)
 
 
-def hold_amount(price: Price, limits: PromptLimits, prompt_bound: int, max_tokens: int | None) -> int:
+def hold_amount(price: Price, limits: PromptLimits, prompt_bound: int, max_tokens: int | None, n: int = 1) -> int:
     """The most a request can cost: over every prompt length ``p ≤ prompt_bound``, ``p`` input tokens
-    plus ``min(max_tokens, max_model_len − p)`` output tokens. Cost is piecewise linear in ``p`` with
-    one break at ``max_model_len − max_tokens``, so the maximum is at an end or at the break.
+    plus ``n × min(max_tokens, max_model_len − p)`` output tokens (``n`` choices). Cost is piecewise
+    linear in ``p`` with one break at ``max_model_len − max_tokens``, so the maximum is at an end or at
+    the break.
 
     >>> hold_amount(Price(1_000_000, 2_000_000), PromptLimits(100, 10, 2), 30, None)  # p=0: 100 out
     200
     >>> hold_amount(Price(1_000_000, 2_000_000), PromptLimits(100, 10, 2), 30, 16)  # p=30, 16 out
     62
+    >>> hold_amount(Price(1_000_000, 2_000_000), PromptLimits(100, 10, 2), 30, 16, n=3)  # p=30, 3 × 16 out
+    126
     """
     length = limits.max_model_len
     out_cap = length if max_tokens is None else min(max_tokens, length)
     top = min(prompt_bound, length)
     candidates = {0, top, max(0, min(top, length - out_cap))}
-    return max(cost(price, p, min(out_cap, length - p)) for p in candidates)
+    return max(cost(price, p, n * min(out_cap, length - p)) for p in candidates)
 
 
 # ---- who is calling ----

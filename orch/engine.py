@@ -42,6 +42,7 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    n: int = 1  # choices, each of up to ``max_tokens``
     logprobs: int | None = None  # per sampled token its logprob and this many of the most likely (0..20)
     structured: dict[str, Any] | None = None  # {"json": schema} or {"json_object": True}: vLLM's structured outputs
 
@@ -66,6 +67,7 @@ class Delta:
     # Since the engine took the request (tokenising included): the tap's overhead is the rest. A timing, not content.
     engine_ms: float = field(default=0.0, compare=False)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of this delta, when asked for
+    index: int = 0  # which of the request's ``n`` choices (``completion_tokens`` counts them all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,7 @@ class VLLMEngine:
                 code="context_length_exceeded",
             )
         optional: dict[str, Any] = {
+            "n": request.n if request.n > 1 else None,
             "logprobs": request.logprobs,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -242,16 +245,18 @@ class VLLMEngine:
                 code="invalid_unicode",
             ) from None
         params = self._sampling_params(request, len(ids))
-        produced = 0
+        produced = 0  # over every choice
         try:
             async for out in self._llm.generate({"prompt_token_ids": ids}, params, request.request_id):
-                completion = out.outputs[0]
-                produced += len(completion.token_ids)
-                spent = (time.monotonic() - taken) * 1000
-                logprobs = None
-                if request.logprobs is not None and completion.logprobs is not None:
-                    logprobs = self._token_logprobs(completion.token_ids, completion.logprobs, request.logprobs)
-                yield Delta(completion.text, len(ids), produced, completion.finish_reason, spent, logprobs)
+                for completion in out.outputs:  # one per choice with new tokens (n > 1: several may have)
+                    produced += len(completion.token_ids)
+                    spent = (time.monotonic() - taken) * 1000
+                    logprobs = None
+                    if request.logprobs is not None and completion.logprobs is not None:
+                        logprobs = self._token_logprobs(completion.token_ids, completion.logprobs, request.logprobs)
+                    yield Delta(
+                        completion.text, len(ids), produced, completion.finish_reason, spent, logprobs, completion.index
+                    )
         except APIError:
             raise
         except VLLMClientError as exc:

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -93,7 +93,7 @@ class _Sampling(_Request):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # the engine's int64, as vLLM's server
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=16)] = 1  # choices; the hold covers all of them
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     ignore_eos: bool = False
@@ -101,13 +101,6 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = None  # recorded in the usage row
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -324,15 +317,18 @@ def text_logprobs(tokens: Sequence[TokenLogprobLike], offset: int = 0) -> dict[s
     }
 
 
+class Choice(NamedTuple):
+    """One finished choice of a completion: its text, why it ended, its tokens' logprobs if asked for."""
+
+    text: str
+    finish_reason: str | None
+    logprobs: Sequence[TokenLogprobLike] | None = None
+
+
 def chat_completion(
-    request_id: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
-    logprobs: Sequence[TokenLogprobLike] | None = None,
+    request_id: str, model: str, choices: Sequence[Choice], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
+    """A whole chat completion; ``completion_tokens`` counts every choice's."""
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -340,32 +336,35 @@ def chat_completion(
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": chat_logprobs(logprobs) if logprobs is not None else None,
-                "finish_reason": finish_reason,
+                "index": i,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
             }
+            for i, c in enumerate(choices)
         ],
         "usage": usage_dict(prompt_tokens, completion_tokens),
     }
 
 
 def text_completion(
-    request_id: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
-    logprobs: Sequence[TokenLogprobLike] | None = None,
+    request_id: str, model: str, choices: Sequence[Choice], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
-    lp = text_logprobs(logprobs) if logprobs is not None else None
+    """A whole text completion; ``completion_tokens`` counts every choice's."""
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}],
+        "choices": [
+            {
+                "index": i,
+                "text": c.text,
+                "logprobs": text_logprobs(c.logprobs) if c.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ],
         "usage": usage_dict(prompt_tokens, completion_tokens),
     }
 
@@ -378,10 +377,12 @@ class ChunkWriter:
     and the usage; then ``data: [DONE]``.
     """
 
-    def __init__(self, *, chat: bool, request_id: str, model: str, include_usage: bool) -> None:
+    def __init__(self, *, chat: bool, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
         self.chat = chat
         self.include_usage = include_usage
-        self._offset = 0  # text completions' logprobs: characters streamed so far
+        self.n = n  # choices, streamed interleaved by their index
+        self._offsets: dict[int, int] = {}  # text completions' logprobs: characters streamed so far, per choice
+        self._opened = {0} if chat else set()  # chat choices whose first chunk (with the role) went out
         self._base: dict[str, Any] = {
             "id": request_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -402,17 +403,28 @@ class ChunkWriter:
         delta = {"role": "assistant", "content": ""}
         return self._frame([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
-    def delta(self, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprobLike] | None = None) -> bytes:
-        """One chunk; ``logprobs``: the chunk's tokens', when the request asked for them."""
+    def delta(
+        self,
+        text: str,
+        finish_reason: str | None,
+        logprobs: Sequence[TokenLogprobLike] | None = None,
+        index: int = 0,
+    ) -> bytes:
+        """One chunk of choice ``index``; ``logprobs``: the chunk's tokens', when the request asked for them.
+        A chat choice's first chunk carries the role."""
         if self.chat:
-            delta = {"content": text} if text or finish_reason is None else {}
+            delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
+            if index not in self._opened:
+                self._opened.add(index)
+                delta = {"role": "assistant", "content": text}
             lp = chat_logprobs(logprobs) if logprobs is not None else None
-            return self._frame([{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}])
+            return self._frame([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}])
         lp = None
         if logprobs is not None:
-            lp = text_logprobs(logprobs, self._offset)
-            self._offset += sum(len(t.token) for t in logprobs)
-        return self._frame([{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}])
+            offset = self._offsets.get(index, 0)
+            lp = text_logprobs(logprobs, offset)
+            self._offsets[index] = offset + sum(len(t.token) for t in logprobs)
+        return self._frame([{"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}])
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return self._frame([], usage_dict(prompt_tokens, completion_tokens))

@@ -112,3 +112,36 @@ def test_user_and_request_id_are_recorded_and_usage_groups_by_user(stack: Stack)
     by_user = {g["key"]: (g["requests"], g["cost_micro"]) for g in groups["data"]}
     assert {k: n for k, (n, _) in by_user.items()} == {"": 1, "alice": 2, "bob": 1, "carol": 1}
     assert sum(c for _, c in by_user.values()) == groups["totals"]["cost_micro_credits"] > 0
+
+
+def test_n_choices_are_served_streamed_and_all_charged(stack: Stack) -> None:
+    from orch.ledger import Price, cost
+    from tests.integration.test_tap_billing import account, new_tenant, usage
+
+    tenant, key = new_tenant(stack, 10_000_000)
+    tenant_client = openai.OpenAI(base_url=stack.v1, api_key=key, max_retries=0, timeout=300)
+    reply = tenant_client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=6, n=3, temperature=1.0, seed=7, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage is not None and reply.usage.completion_tokens == 3 * 6  # every choice counted
+
+    stream = tenant_client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=5, n=3, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    texts, finished, streamed_usage = ["", "", ""], [None, None, None], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finished[choice.index] = choice.finish_reason or finished[choice.index]
+        streamed_usage = chunk.usage or streamed_usage
+    assert finished == ["length"] * 3 and all(texts)
+    assert streamed_usage is not None and streamed_usage.completion_tokens == 15
+
+    a = account(stack, tenant)
+    rows = usage(stack, tenant)["data"]
+    assert [r["completion_tokens"] for r in rows] == [18, 15]
+    price = Price(1_000_000, 2_000_000)  # configs/local.yaml's
+    assert [r["cost_micro"] for r in rows] == [cost(price, r["prompt_tokens"], r["completion_tokens"]) for r in rows]
+    assert a["spent_micro_credits"] == sum(r["cost_micro"] for r in rows) == 10_000_000 - a["balance_micro_credits"]

@@ -32,7 +32,7 @@ class FakeAsyncLLM:
     """Yields one finished output per request."""
 
     async def generate(self, prompt: dict[str, Any], params: Any, request_id: str) -> AsyncIterator[Any]:
-        out = SimpleNamespace(text="ok", token_ids=[1], finish_reason="stop")
+        out = SimpleNamespace(text="ok", token_ids=[1], finish_reason="stop", logprobs=None, index=0)
         yield SimpleNamespace(outputs=[out])
 
     def shutdown(self) -> None:

@@ -12,6 +12,7 @@ from orch.engine import TokenLogprob
 from orch.errors import InvalidRequest
 from orch.protocol import (
     ChatCompletionRequest,
+    Choice,
     ChunkWriter,
     CompletionRequest,
     GrantBody,
@@ -57,8 +58,22 @@ def test_nested_errors_name_the_path() -> None:
     assert _raises(ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot"}]}).param == "messages[0].role"
 
 
-def test_only_one_choice() -> None:
-    assert _raises(ChatCompletionRequest, {**CHAT, "n": 2}).param == "n"
+def test_n_choices_are_bounded() -> None:
+    assert parse_request(ChatCompletionRequest, json.dumps({**CHAT, "n": 3}).encode()).n == 3
+    assert _raises(ChatCompletionRequest, {**CHAT, "n": 0}).param == "n"
+    assert _raises(CompletionRequest, {"model": "m", "prompt": "x", "n": 17}).param == "n"
+
+
+def test_n_choices_stream_interleaved_each_opening_with_its_role() -> None:
+    writer = ChunkWriter(chat=True, request_id="c", model="m", include_usage=False, n=2)
+    frames = [writer.first(), writer.delta("A", None, index=0), writer.delta("B", None, index=1),
+              writer.delta("", "stop", index=1), writer.delta("a", "length", index=0)]  # fmt: skip
+    chunks = [ChatCompletionChunk.model_validate_json(f[6:]) for f in frames]
+    assert [(c.choices[0].index, c.choices[0].delta.role) for c in chunks] == [
+        (0, "assistant"), (0, None), (1, "assistant"), (1, None), (0, None)
+    ]  # fmt: skip
+    whole = chat_completion("c", "m", [Choice("Aa", "length"), Choice("B", "stop")], 5, 4)
+    assert [(c.index, c.message.content) for c in ChatCompletion.model_validate(whole).choices] == [(0, "Aa"), (1, "B")]
 
 
 def test_unsupported_features_are_refused_not_ignored() -> None:
@@ -89,11 +104,11 @@ def test_logprobs_and_response_format_are_checked_and_mapped() -> None:
 
 def test_logprobs_shapes_match_openai_types_streamed_and_whole() -> None:
     tokens = [TokenLogprob("Par", -0.1, (("Par", -0.1), ("Lon", -2.5))), TokenLogprob("is", -0.01, (("is", -0.01),))]
-    chat = ChatCompletion.model_validate(chat_completion("c", "m", "Paris", "stop", 5, 2, tokens))
+    chat = ChatCompletion.model_validate(chat_completion("c", "m", [Choice("Paris", "stop", tokens)], 5, 2))
     content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
     assert [c.token for c in content] == ["Par", "is"] and content[0].top_logprobs[1].logprob == -2.5  # type: ignore[index]
     assert bytes(content[0].bytes or []) == b"Par"
-    text = Completion.model_validate(text_completion("t", "m", "Paris", "stop", 5, 2, tokens))
+    text = Completion.model_validate(text_completion("t", "m", [Choice("Paris", "stop", tokens)], 5, 2))
     assert text.choices[0].logprobs.text_offset == [0, 3]  # type: ignore[union-attr]
     writer = ChunkWriter(chat=False, request_id="t", model="m", include_usage=False)
     writer.delta("Par", None, tokens[:1])
@@ -138,9 +153,9 @@ def test_stop_as_string_or_list() -> None:
 
 
 def test_non_stream_bodies_match_openai_types() -> None:
-    chat = ChatCompletion.model_validate(chat_completion("chatcmpl-1", "m", "Paris.", "stop", 10, 3))
+    chat = ChatCompletion.model_validate(chat_completion("chatcmpl-1", "m", [Choice("Paris.", "stop")], 10, 3))
     assert chat.usage is not None and chat.usage.total_tokens == 13
-    text = Completion.model_validate(text_completion("cmpl-1", "m", " Paris", "length", 5, 8))
+    text = Completion.model_validate(text_completion("cmpl-1", "m", [Choice(" Paris", "length")], 5, 8))
     assert text.choices[0].text == " Paris"
 
 
