@@ -41,9 +41,10 @@ class ModelHost:
     async def abort(self, request_id: str) -> None:
         await self._actor.abort(request_id)
 
-    def stats(self) -> dict[str, int]:
-        s = self._actor.stats()
-        return dataclasses.asdict(s)
+    def stats(self) -> dict[str, Any]:
+        """The engine's counts, and which replica answered (a handle call reaches any of them)."""
+        replica = serve.get_replica_context().replica_id.unique_id
+        return dataclasses.asdict(self._actor.stats()) | {"replica": replica}
 
     def limits(self) -> PromptLimits:
         return self._actor.limits()

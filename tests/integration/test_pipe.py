@@ -11,7 +11,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.integration.conftest import MODEL, Stack
+from tests.integration.conftest import MODEL, TAP_REPLICAS, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +134,7 @@ def test_max_tokens_negative_is_400_naming_it(client: openai.OpenAI) -> None:
         (b'{"model": "' + MODEL.encode() + b'"}', "messages"),
         (b"this is not json", None),
         (b'{"model": "' + MODEL.encode() + b'", "messages": [], "n": 1}', "messages"),
-        (b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "x"}], "n": 3}', "n"),
+        (b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "x"}], "n": 17}', "n"),
     ],
 )
 def test_bad_bodies_are_400_openai_shaped(stack: Stack, body: bytes, param: str | None) -> None:
@@ -170,11 +170,18 @@ def test_health(stack: Stack) -> None:
 
 
 def _engine_stats() -> dict[str, int]:
+    """The engines' counts summed over the tap's replicas (a handle call answers from any one)."""
     from ray import serve
 
     handle = serve.get_deployment_handle(f"model-{MODEL}", app_name="public")
-    stats: dict[str, int] = handle.stats.remote().result(timeout_s=30)
-    return stats
+    seen: dict[str, dict[str, int]] = {}
+    for _ in range(50):
+        stats = handle.stats.remote().result(timeout_s=30)
+        seen[stats.pop("replica")] = stats
+        if len(seen) == TAP_REPLICAS:
+            break
+    assert len(seen) == TAP_REPLICAS, seen
+    return {name: sum(s[name] for s in seen.values()) for name in next(iter(seen.values()))}
 
 
 def test_disconnect_mid_stream_aborts_the_engine_request(stack: Stack, ray_driver: None) -> None:
