@@ -9,9 +9,8 @@ A completion is admitted against its worst-case cost: on the replica's credit le
 (``orch.lease``: no ledger round trip), else by a hold of its own committed in the tenant's ledger
 before the request reaches an engine (402 when the balance can't cover it); it streams from the model's
 port (``apps/model_port.py``: the engine in this replica, or a model deployment's streaming handle);
-and it is settled with the engine's exact token
-counts when it finishes, fails or the client goes away, the usage row in the settle's transaction (a
-lease's batch, or the request's own settle).
+and it is settled with the engine's exact token counts when it finishes, fails or the client goes
+away, the usage row in the settle's transaction (a lease's batch, or the request's own settle).
 The front waits for the first delta before answering, so a bad request or a failed engine still
 gets its own status instead of a broken 200 stream.
 """
@@ -244,9 +243,7 @@ class OpenAIFront:
         meter.first_token()
         meter.last = first
         if req.stream:
-            writer = ChunkWriter(
-                chat=chat, request_id=request_id, model=req.model, include_usage=req.include_usage, n=req.n
-            )
+            writer = ChunkWriter(chat=chat, request_id=request_id, model=req.model, include_usage=req.include_usage)
             return SettlingStream(meter, stream, self._settle, sse_frames(writer, meter, stream, self._settle))
         return await self._collect(chat, req.n, meter, stream)
 
@@ -296,10 +293,9 @@ class OpenAIFront:
 
         add(meter.last)
         try:
-            if meter.last.finish_reason is None or n > 1:
-                async for delta in stream:
-                    add(delta)
-                    meter.last = delta
+            async for delta in stream:  # to its end: a local engine's generator left open would count an abort
+                add(delta)
+                meter.last = delta
         except BaseException as exc:
             stream.cancel()
             self._settle(meter, "aborted" if isinstance(exc, asyncio.CancelledError) else "error")

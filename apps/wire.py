@@ -95,10 +95,9 @@ async def sse_frames(
     finished = False
     try:
         yield writer.first() + writer.delta(first.text, first.finish_reason, first.logprobs, first.index)
-        if first.finish_reason is None or writer.n > 1:
-            async for delta in stream:
-                meter.last = delta
-                yield writer.delta(delta.text, delta.finish_reason, delta.logprobs, delta.index)
+        async for delta in stream:  # to its end, even after a final first delta: a local engine's generator closes
+            meter.last = delta
+            yield writer.delta(delta.text, delta.finish_reason, delta.logprobs, delta.index)
         finished = True
     except Exception as exc:
         finished = True  # the stream is over; only the report is left

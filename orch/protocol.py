@@ -372,15 +372,14 @@ def text_completion(
 class ChunkWriter:
     """Builds the SSE byte frames of one streamed completion, chat or text.
 
-    The first chat chunk carries ``role``; the last content chunk carries ``finish_reason``;
-    with ``include_usage`` every chunk has ``"usage": null`` and a final chunk has ``choices: []``
+    The first chat chunk of each choice carries ``role``; a choice's last chunk carries its
+    ``finish_reason``; choices (``n``) interleave, each chunk naming its ``index``; with ``include_usage`` every chunk has ``"usage": null`` and a final chunk has ``choices: []``
     and the usage; then ``data: [DONE]``.
     """
 
-    def __init__(self, *, chat: bool, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+    def __init__(self, *, chat: bool, request_id: str, model: str, include_usage: bool) -> None:
         self.chat = chat
         self.include_usage = include_usage
-        self.n = n  # choices, streamed interleaved by their index
         self._offsets: dict[int, int] = {}  # text completions' logprobs: characters streamed so far, per choice
         self._opened = {0} if chat else set()  # chat choices whose first chunk (with the role) went out
         self._base: dict[str, Any] = {

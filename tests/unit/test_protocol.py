@@ -65,7 +65,7 @@ def test_n_choices_are_bounded() -> None:
 
 
 def test_n_choices_stream_interleaved_each_opening_with_its_role() -> None:
-    writer = ChunkWriter(chat=True, request_id="c", model="m", include_usage=False, n=2)
+    writer = ChunkWriter(chat=True, request_id="c", model="m", include_usage=False)
     frames = [writer.first(), writer.delta("A", None, index=0), writer.delta("B", None, index=1),
               writer.delta("", "stop", index=1), writer.delta("a", "length", index=0)]  # fmt: skip
     chunks = [ChatCompletionChunk.model_validate_json(f[6:]) for f in frames]
