@@ -28,6 +28,19 @@ def tap_replicas() -> list[str]:
     return sorted(a["name"] for a in names if a["name"].startswith(f"SERVE_REPLICA::public#model-{MODEL}#"))
 
 
+def running_replicas(timeout_s: float) -> int:
+    """The public tap's RUNNING replicas, once there are :data:`TAP_REPLICAS` of them or ``timeout_s`` passed."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = serve.status().applications["public"].deployments[f"model-{MODEL}"].replica_states
+        running = states.get("RUNNING", 0)
+        if running >= TAP_REPLICAS or time.monotonic() > deadline:
+            return running
+        time.sleep(1)
+
+
 def test_two_replicas_serve_the_public_tap_each_with_its_front(stack: Stack, ray_driver: None) -> None:
     from ray import serve
 
@@ -78,10 +91,8 @@ def test_killing_a_tap_replica_under_load_leaves_the_ledger_exact(stack: Stack, 
     audit = ray.get(ray.get_actor("tenant-ledger-0", namespace="llama-orch").call.remote("audit"), timeout=60)
     assert audit["debited"] == audit["usage_cost"]
 
-    # Serve replaces the replica; the tap serves on.
-    deadline = time.monotonic() + 120
-    while len(tap_replicas()) < TAP_REPLICAS and time.monotonic() < deadline:
-        time.sleep(1)
+    # Serve replaces the replica (an engine start: up to minutes on 2 busy cores); the tap serves on.
+    assert running_replicas(timeout_s=300) == TAP_REPLICAS  # and the tests after this one find both
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4}
     headers = {"Authorization": f"Bearer {key}"}
     again = httpx.post(stack.v1 + "/chat/completions", json=body, headers=headers, timeout=120)

@@ -175,11 +175,11 @@ def _engine_stats() -> dict[str, int]:
 
     handle = serve.get_deployment_handle(f"model-{MODEL}", app_name="public")
     seen: dict[str, dict[str, int]] = {}
-    for _ in range(50):
+    deadline = time.monotonic() + 300  # a replica replaced by an earlier test may still be starting its engine
+    while len(seen) < TAP_REPLICAS and time.monotonic() < deadline:
         stats = handle.stats.remote().result(timeout_s=30)
         seen[stats.pop("replica")] = stats
-        if len(seen) == TAP_REPLICAS:
-            break
+        time.sleep(0.05)
     assert len(seen) == TAP_REPLICAS, seen
     return {name: sum(s[name] for s in seen.values()) for name in next(iter(seen.values()))}
 
