@@ -373,8 +373,9 @@ class ChunkWriter:
     """Builds the SSE byte frames of one streamed completion, chat or text.
 
     The first chat chunk of each choice carries ``role``; a choice's last chunk carries its
-    ``finish_reason``; choices (``n``) interleave, each chunk naming its ``index``; with ``include_usage`` every chunk has ``"usage": null`` and a final chunk has ``choices: []``
-    and the usage; then ``data: [DONE]``.
+    ``finish_reason``; choices (``n``) interleave, each chunk naming its ``index``; with
+    ``include_usage`` every chunk has ``"usage": null`` and a final chunk has ``choices: []`` and the
+    usage; then ``data: [DONE]``.
     """
 
     def __init__(self, *, chat: bool, request_id: str, model: str, include_usage: bool) -> None:
