@@ -53,10 +53,12 @@ from orch.protocol import (
     ChunkWriter,
     CompletionRequest,
     chat_completion,
+    chat_texts,
     new_id,
     parse_request,
     text_completion,
 )
+from orch.tools import merge_fragments
 
 log = logging.getLogger("ray.serve")
 
@@ -192,8 +194,13 @@ class OpenAIFront:
 
     async def _chat(self, request: Request, principal: Principal) -> Response:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await read_body(request))
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return await self._complete(req, principal, new_id("chatcmpl"), request, chat=True, messages=messages)
+        messages = [m.engine_message() for m in req.messages]
+        tools = {
+            "tools": req.tool_dicts(),
+            "tool_choice": req.tool_spec(),
+            "parallel_tool_calls": req.parallel_tool_calls,
+        }
+        return await self._complete(req, principal, new_id("chatcmpl"), request, chat=True, messages=messages, **tools)
 
     async def _completions(self, request: Request, principal: Principal) -> Response:
         req: CompletionRequest = parse_request(CompletionRequest, await read_body(request))
@@ -267,10 +274,13 @@ class OpenAIFront:
         limits = await self._prompt_limits(req.model, model)
         messages = prompt.get("messages")
         bound = prompt_token_bound(
-            limits,
-            messages=[m["content"] for m in messages] if messages is not None else None,
+            limits, messages=chat_texts(messages, prompt.get("tools")) if messages is not None else None,
             prompt=prompt.get("prompt"),
-        )
+        )  # fmt: skip
+        if prompt.get("tools"):
+            bound = min(
+                bound + limits.tools_tokens + limits.per_tool_tokens * len(prompt["tools"]), limits.max_model_len
+            )
         if self._billing != "credits":
             return Meter(principal, req.model, price, request_id, None)
         amount = hold_amount(price, limits, bound, req.max_tokens, req.n)
@@ -283,6 +293,7 @@ class OpenAIFront:
         assert meter.last is not None
         parts: list[list[str]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
+        calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if meter.last.logprobs is not None else None
 
         def add(delta: Delta) -> None:
@@ -290,6 +301,8 @@ class OpenAIFront:
             finish[delta.index] = delta.finish_reason or finish[delta.index]
             if logprobs is not None and delta.logprobs is not None:
                 logprobs[delta.index].extend(delta.logprobs)
+            if delta.tool_calls:
+                calls[delta.index].extend(delta.tool_calls)
 
         add(meter.last)
         try:
@@ -303,7 +316,10 @@ class OpenAIFront:
         await asyncio.shield(self._settle(meter, "ok"))
         last = meter.last
         build = chat_completion if chat else text_completion
-        choices = [Choice("".join(parts[i]), finish[i], logprobs[i] if logprobs else None) for i in range(n)]
+        choices = [
+            Choice("".join(parts[i]), finish[i], logprobs[i] if logprobs else None, merge_fragments(calls[i]) or None)
+            for i in range(n)
+        ]
         body = build(meter.request_id, meter.model, choices, last.prompt_tokens, last.completion_tokens)
         return JSONResponse(body, headers=overhead_header(meter))
 

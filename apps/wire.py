@@ -94,10 +94,12 @@ async def sse_frames(
     first = meter.last
     finished = False
     try:
-        yield writer.first() + writer.delta(first.text, first.finish_reason, first.logprobs, first.index)
+        yield writer.first() + writer.delta(
+            first.text, first.finish_reason, first.logprobs, first.index, first.tool_calls
+        )
         async for delta in stream:  # to its end, even after a final first delta: a local engine's generator closes
             meter.last = delta
-            yield writer.delta(delta.text, delta.finish_reason, delta.logprobs, delta.index)
+            yield writer.delta(delta.text, delta.finish_reason, delta.logprobs, delta.index, delta.tool_calls)
         finished = True
     except Exception as exc:
         finished = True  # the stream is over; only the report is left

@@ -32,6 +32,8 @@ class PromptLimits:
     per_message_tokens: int  # template tokens around one chat message (default system prompt included)
     per_prompt_tokens: int  # tokens a plain completion prompt gets besides its text (BOS and the like)
     max_token_bytes: int = 0  # UTF-8 bytes of the vocabulary's longest token; 0: not measured
+    tools_tokens: int = 0  # what the template adds for a list of tools (instructions), one small tool included
+    per_tool_tokens: int = 0  # what it adds around each further tool
 
 
 def prompt_token_bound(limits: PromptLimits, *, messages: Sequence[str] | None = None,

@@ -43,6 +43,12 @@ class EngineConfig(StrictModel):
     tensor_parallel_size: int = Field(1, description="GPUs one engine spans; 1 on CPU.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation.")
     seed: int = Field(0, description="Engine seed, for reproducible sampling when requests omit one.")
+    tool_parser: str | None = Field(
+        None,
+        description="vLLM tool parser that reads calls out of the text for tool_choice auto (as vllm serve's "
+        "--tool-call-parser: hermes, llama3_json, mistral, ...). None: hermes when the chat template knows no "
+        "tools (they are rendered Hermes-style), else auto is refused. Forced calls never need one.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment set in the replica before the engine starts (VLLM_*)."
     )

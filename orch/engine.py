@@ -22,6 +22,7 @@ from orch.billing import PromptLimits
 from orch.config import EngineConfig
 from orch.errors import APIError, EngineUnavailable, InvalidRequest
 from orch.models import default_engine_dtype
+from orch.tools import CallStream, ForcedCalls, ParsedCalls, forced_schema, render_inputs, template_knows_tools
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class GenerationRequest:
     """What one completion asks of an engine; exactly one of ``messages`` and ``prompt`` is set."""
 
     request_id: str
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None  # role, content; tool_calls, tool_call_id in a tool-calling history
     prompt: str | list[int] | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -45,6 +46,9 @@ class GenerationRequest:
     n: int = 1  # choices, each of up to ``max_tokens``
     logprobs: int | None = None  # per sampled token its logprob and this many of the most likely (0..20)
     structured: dict[str, Any] | None = None  # {"json": schema} or {"json_object": True}: vLLM's structured outputs
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions
+    tool_choice: str | dict[str, Any] = "none"  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class Delta:
     engine_ms: float = field(default=0.0, compare=False)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of this delta, when asked for
     index: int = 0  # which of the request's ``n`` choices (``completion_tokens`` counts them all)
+    tool_calls: tuple[dict[str, Any], ...] | None = None  # call fragments in OpenAI's streaming shape (orch.tools)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +116,8 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._max_model_len = 0
         self._limits = PromptLimits(0, 0, 0)
+        self._native_tools = False  # the chat template renders tools itself (set at start)
+        self._tool_parser: Any = None  # vLLM tool parser class for tool_choice auto (set at start)
         self._scheduler = _SchedulerCounts()
         self._aborted = 0
         # Tokenising a long prompt takes seconds: off the replica's loop, which serves every stream. One
@@ -131,6 +138,8 @@ class VLLMEngine:
         counts = self._scheduler
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[counts.factory])
         self._tokenizer = self._llm.get_tokenizer()
+        self._native_tools = template_knows_tools(getattr(self._tokenizer, "chat_template", None))
+        self._tool_parser = self._find_tool_parser()
         self._max_model_len = self._llm.model_config.max_model_len
         self._limits = self._measure_limits()
         log.info(
@@ -155,7 +164,40 @@ class VLLMEngine:
                 continue
             per_message = max(per_message, len(ids))
         per_prompt = len(self._tokenizer.encode(""))
-        return PromptLimits(self._max_model_len, per_message + 4, per_prompt + 4, self._max_token_bytes())
+        tools, per_tool = self._measure_tools()
+        return PromptLimits(
+            self._max_model_len, per_message + 4, per_prompt + 4, self._max_token_bytes(), tools + 4, per_tool + 4
+        )
+
+    def _measure_tools(self) -> tuple[int, int]:
+        """Tokens a template adds for a tool list with one small tool, and for each further one."""
+        user = [{"role": "user", "content": ""}]
+
+        def size(n: int) -> int:
+            tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
+                     for i in range(n)]  # fmt: skip
+            request = GenerationRequest("limits", messages=user, tools=tools or None, tool_choice="auto")
+            return len(self.prompt_ids(request))
+
+        try:
+            none, one, two = size(0), size(1), size(2)
+        except Exception:  # a template that refuses tools: they are refused at request time too
+            return 0, 0
+        return max(one - none, 0), max(two - one, 0)
+
+    def _find_tool_parser(self) -> Any:
+        """The vLLM tool parser class for ``tool_choice: auto``: the configured one, else ``hermes`` when the
+        template knows no tools (they are then rendered in Hermes' format); None: ``auto`` is refused."""
+        name = self.config.tool_parser or (None if self._native_tools else "hermes")
+        if name is None:
+            return None
+        from vllm.tool_parsers import ToolParserManager
+
+        try:
+            return ToolParserManager.get_tool_parser(name)
+        except KeyError:
+            known = ", ".join(sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers}))
+            raise ValueError(f"engine.tool_parser: unknown vLLM tool parser '{name}'; known: {known}") from None
 
     def _max_token_bytes(self) -> int:
         """The most UTF-8 bytes of text one token can stand for, over the whole vocabulary (added and
@@ -177,7 +219,12 @@ class VLLMEngine:
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids the engine will see: the chat template applied by the model's own tokenizer."""
         if request.messages is not None:
-            text = self._tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            tools = (
+                request.tools if request.tool_choice != "none" else None
+            )  # as vLLM's exclude_tools_when_tool_choice_none
+            messages, native_tools = render_inputs(request.messages, tools, native=self._native_tools)
+            extra = {"tools": native_tools} if native_tools else {}
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
             return list(self._tokenizer.encode(text, add_special_tokens=False))
         if isinstance(request.prompt, list):
             return list(request.prompt)
@@ -213,10 +260,15 @@ class VLLMEngine:
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
         }
-        if request.structured is not None:
+        structured = request.structured
+        if request.tools and request.tool_choice != "none":
+            schema = forced_schema(request.tools, request.tool_choice, request.parallel_tool_calls)
+            if schema is not None:  # a forced call: no room for whitespace a small model may loop on
+                structured = {"json": schema, "disable_any_whitespace": True}
+        if structured is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            optional["structured_outputs"] = StructuredOutputsParams(**request.structured)
+            optional["structured_outputs"] = StructuredOutputsParams(**structured)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -245,6 +297,8 @@ class VLLMEngine:
                 code="invalid_unicode",
             ) from None
         params = self._sampling_params(request, len(ids))
+        new_calls = self._call_streams(request, params)
+        calls: dict[int, CallStream] = {}  # per choice, when tools may be called
         produced = 0  # over every choice
         try:
             async for out in self._llm.generate({"prompt_token_ids": ids}, params, request.request_id):
@@ -254,8 +308,20 @@ class VLLMEngine:
                     logprobs = None
                     if request.logprobs is not None and completion.logprobs is not None:
                         logprobs = self._token_logprobs(completion.token_ids, completion.logprobs, request.logprobs)
+                    text, finish, fragments = completion.text, completion.finish_reason, None
+                    if new_calls is not None:
+                        stream = calls.get(completion.index) or calls.setdefault(completion.index, new_calls())
+                        text, fragments = _feed(stream, completion.text, completion.token_ids, finish)
+                        finish = "tool_calls" if finish == "stop" and stream.called else finish
                     yield Delta(
-                        completion.text, len(ids), produced, completion.finish_reason, spent, logprobs, completion.index
+                        text,
+                        len(ids),
+                        produced,
+                        finish,
+                        spent,
+                        logprobs,
+                        completion.index,
+                        tuple(fragments or ()) or None,
                     )
         except APIError:
             raise
@@ -267,6 +333,33 @@ class VLLMEngine:
         except Exception as exc:
             log.warning("engine failed on %s: %s", request.request_id, type(exc).__name__)
             raise EngineUnavailable("The model engine failed; retry later.", code="engine_error") from None
+
+    def _call_streams(self, request: GenerationRequest, params: Any) -> Any:
+        """A factory of per-choice :class:`orch.tools.CallStream` (None: no tool can be called); ``auto``
+        needs the model's tool parser, and may make the engine keep special tokens in the text."""
+        if not request.tools or request.tool_choice == "none":
+            return None
+        if isinstance(request.tool_choice, dict):
+            name = request.tool_choice["function"]["name"]
+            return lambda: ForcedCalls(name)
+        if request.tool_choice == "required":
+            return lambda: ForcedCalls(None)
+        if self._tool_parser is None:
+            raise InvalidRequest(
+                "This model has no tool parser configured (engine.tool_parser), so it can't choose tools itself; "
+                "use 'tool_choice' 'required' or a named function.",
+                param="tool_choice",
+                code="unsupported_value",
+            )
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        vllm_request = ChatCompletionRequest(
+            model="-", messages=[{"role": "user", "content": ""}], tools=request.tools, tool_choice="auto"
+        )
+        parser_cls, tokenizer = self._tool_parser, self._tokenizer
+        vllm_request = parser_cls(tokenizer, vllm_request.tools).adjust_request(vllm_request)
+        params.skip_special_tokens = vllm_request.skip_special_tokens  # tags that are special tokens stay in
+        return lambda: ParsedCalls(parser_cls(tokenizer, vllm_request.tools), vllm_request)
 
     def _token_logprobs(self, token_ids: Any, per_token: Any, top: int) -> tuple[TokenLogprob, ...]:
         """vLLM's logprobs of new tokens (a dict per token: id -> Logprob with rank and decoded text, the
@@ -309,6 +402,14 @@ class VLLMEngine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+
+
+def _feed(stream: CallStream, text: str, token_ids: Any, finish: str | None) -> tuple[str, list[dict[str, Any]]]:
+    content, fragments = stream.feed(text, token_ids)
+    if finish is not None:
+        more, last = stream.finish()
+        content, fragments = content + more, fragments + last
+    return content, fragments
 
 
 def _prompt_param(request: GenerationRequest) -> str:

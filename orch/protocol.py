@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orch.errors import InvalidRequest
+from orch.tools import ToolCallIn, ToolChoice, Tools, choice_spec
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -36,6 +37,25 @@ class ChatMessage(BaseModel):
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls, in the history
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_message_names_its_call(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the 'tool_call_id' it answers")
+        return self
+
+    def engine_message(self) -> dict[str, Any]:
+        """The message as the engine renders it: text content, plus the calls or the call it answers."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(include={"id", "type", "function"}) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -138,6 +158,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
+    tools: Tools | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _max_tokens_alias(self) -> ChatCompletionRequest:
@@ -146,11 +169,26 @@ class ChatCompletionRequest(_Sampling):
         return self
 
     def check_supported(self) -> None:
-        self._refuse("tools", "functions", "audio", "prediction")
+        self._refuse("functions", "function_call", "audio", "prediction")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest(
                 "Invalid 'top_logprobs': 'logprobs' must be true to use it.", param="top_logprobs", code="invalid_value"
             )
+        forced = not isinstance(self.tool_spec(), str) or self.tool_spec() == "required"
+        if forced and self.structured() is not None:
+            raise InvalidRequest(
+                "Invalid 'response_format': a forced tool call ('tool_choice' required or a named function) "
+                "already sets the output's format.",
+                param="response_format",
+                code="invalid_value",
+            )
+
+    def tool_spec(self) -> str | dict[str, Any]:
+        """The effective ``tool_choice``: "none", "auto", "required" or {"type": "function", ...}."""
+        return choice_spec(self.tools, self.tool_choice)
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     def logprobs_wanted(self) -> int | None:
         """How many top logprobs per token the engine computes (None: no logprobs)."""
@@ -185,6 +223,19 @@ class CompletionRequest(_Sampling):
 
     def structured(self) -> dict[str, Any] | None:
         return None
+
+
+def chat_texts(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[str]:
+    """The texts a chat prompt is rendered from, for its token bound: each message's content, each call
+    of the history and each tool (as JSON, which is how templates write them).
+
+    >>> chat_texts([{"role": "user", "content": "Hi"}], [{"type": "function", "function": {"name": "f"}}])
+    ['Hi', '{"type": "function", "function": {"name": "f"}}']
+    """
+    texts = [m["content"] for m in messages]
+    texts += [json.dumps(c, ensure_ascii=False) for m in messages for c in m.get("tool_calls") or ()]
+    texts += [json.dumps(t, ensure_ascii=False) for t in tools or ()]
+    return texts
 
 
 def parse_request(model: type[_Sampling], body: bytes) -> Any:
@@ -323,6 +374,7 @@ class Choice(NamedTuple):
     text: str
     finish_reason: str | None
     logprobs: Sequence[TokenLogprobLike] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # whole calls (``orch.tools.merge_fragments``)
 
 
 def chat_completion(
@@ -337,7 +389,7 @@ def chat_completion(
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "message": _message(c),
                 "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
                 "finish_reason": c.finish_reason,
             }
@@ -345,6 +397,12 @@ def chat_completion(
         ],
         "usage": usage_dict(prompt_tokens, completion_tokens),
     }
+
+
+def _message(choice: Choice) -> dict[str, Any]:
+    if choice.tool_calls:  # OpenAI's content is null when the answer is only calls
+        return {"role": "assistant", "content": choice.text or None, "refusal": None, "tool_calls": choice.tool_calls}
+    return {"role": "assistant", "content": choice.text, "refusal": None}
 
 
 def text_completion(
@@ -409,14 +467,17 @@ class ChunkWriter:
         finish_reason: str | None,
         logprobs: Sequence[TokenLogprobLike] | None = None,
         index: int = 0,
+        tool_calls: Sequence[dict[str, Any]] | None = None,
     ) -> bytes:
-        """One chunk of choice ``index``; ``logprobs``: the chunk's tokens', when the request asked for them.
-        A chat choice's first chunk carries the role."""
+        """One chunk of choice ``index``; ``logprobs``: the chunk's tokens', when the request asked for them;
+        ``tool_calls``: call fragments (``orch.tools``). A chat choice's first chunk carries the role."""
         if self.chat:
-            delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
+            delta: dict[str, Any] = {"content": text} if text or (finish_reason is None and not tool_calls) else {}
             if index not in self._opened:
                 self._opened.add(index)
                 delta = {"role": "assistant", "content": text}
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             lp = chat_logprobs(logprobs) if logprobs is not None else None
             return self._frame([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}])
         lp = None

@@ -145,3 +145,121 @@ def test_n_choices_are_served_streamed_and_all_charged(stack: Stack) -> None:
     price = Price(1_000_000, 2_000_000)  # configs/local.yaml's
     assert [r["cost_micro"] for r in rows] == [cost(price, r["prompt_tokens"], r["completion_tokens"]) for r in rows]
     assert a["spent_micro_credits"] == sum(r["cost_micro"] for r in rows) == 10_000_000 - a["balance_micro_credits"]
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a city",
+                                      "parameters": WEATHER}},
+]  # fmt: skip
+QUESTION = {"role": "user", "content": "What is the weather like in Paris today?"}
+RESULT = '{"temp_c": 21, "sky": "sunny"}'
+
+
+def _answer_from(client: openai.OpenAI, call: dict, *, stream: bool) -> tuple[str, str | None]:
+    """Sends the call's result back as a ``tool`` message; the model answers in words (tool_choice none)."""
+    messages = [
+        QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": RESULT},
+    ]
+    if not stream:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=60, temperature=0
+        )  # type: ignore[arg-type]
+        return reply.choices[0].message.content or "", reply.choices[0].finish_reason
+    chunks = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=60, temperature=0, stream=True
+    )  # type: ignore[arg-type]
+    text, finish = "", None
+    for chunk in chunks:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+def _check_weather_answer(answer: str, finish: str | None) -> None:
+    assert finish in ("stop", "length") and answer.strip(), (answer, finish)
+    assert "sunny" in answer.lower() or "21" in answer, answer  # it answered from the tool's result
+
+
+def test_tool_round_trip_required_then_answer(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[QUESTION], tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0
+    )  # type: ignore[arg-type]
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
+    assert {c.function.name for c in calls} <= {"get_weather", "get_time"}
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)  # an object, not the string vLLM gives
+    _check_weather_answer(*_answer_from(client, calls[0].model_dump(exclude_none=True), stream=False))
+
+
+def test_tool_round_trip_streamed(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[QUESTION],
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )  # type: ignore[arg-type]
+    calls: dict[int, dict] = {}
+    finish, fragments = None, 0
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        assert not delta.content  # a forced call is all calls
+        for part in delta.tool_calls or []:
+            fragments += 1
+            if part.index not in calls:  # OpenAI's shape: the first fragment names the call
+                assert part.id and part.type == "function" and part.function and part.function.name
+                calls[part.index] = {"id": part.id, "type": "function",
+                                     "function": {"name": part.function.name, "arguments": ""}}  # fmt: skip
+            else:
+                assert part.id is None  # later fragments only add arguments
+            calls[part.index]["function"]["arguments"] += (part.function and part.function.arguments) or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls and fragments > len(calls)  # the arguments came in pieces
+    for call in calls.values():
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+    _check_weather_answer(*_answer_from(client, calls[0], stream=True))
+
+
+def test_named_tool_choice_calls_that_tool_with_valid_arguments(client: openai.OpenAI) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for sampling in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 3}):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[QUESTION], tools=TOOLS, tool_choice=named, max_tokens=60, **sampling
+        )  # type: ignore[arg-type]
+        calls = reply.choices[0].message.tool_calls or []
+        assert [c.function.name for c in calls] == ["get_time"] and reply.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)
+
+
+def test_auto_tool_choice_answers_in_words_or_calls(client: openai.OpenAI) -> None:
+    """``auto`` on the default model: whatever it chooses comes back well formed (calls parsed by vLLM's
+    hermes parser, or plain content), and a tool message without its call id is a 400."""
+    reply = client.chat.completions.create(model=MODEL, messages=[QUESTION], tools=TOOLS, max_tokens=40, temperature=0)  # type: ignore[arg-type]
+    choice = reply.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        for call in choice.message.tool_calls:
+            json.loads(call.function.arguments)
+    else:
+        assert choice.finish_reason in ("stop", "length") and choice.message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}], max_tokens=2)  # type: ignore[list-item,misc]
+    assert err.value.body["param"] == "messages[0]"  # type: ignore[index]

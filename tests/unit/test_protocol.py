@@ -77,8 +77,57 @@ def test_n_choices_stream_interleaved_each_opening_with_its_role() -> None:
 
 
 def test_unsupported_features_are_refused_not_ignored() -> None:
-    assert _raises(ChatCompletionRequest, {**CHAT, "tools": [{"type": "function"}]}).param == "tools"
+    assert _raises(ChatCompletionRequest, {**CHAT, "functions": [{"name": "f"}]}).param == "functions"
     assert _raises(CompletionRequest, {"model": "m", "prompt": "x", "echo": True}).param == "echo"
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_tool_requests_are_checked() -> None:
+    assert _raises(ChatCompletionRequest, {**CHAT, "tools": [{"type": "function"}]}).param == "tools[0].function"
+    named = {"type": "function", "function": {"name": "nope"}}
+    assert _raises(ChatCompletionRequest, {**CHAT, "tools": [TOOL], "tool_choice": named}).param == "tool_choice"
+    assert _raises(ChatCompletionRequest, {**CHAT, "tool_choice": "required"}).param == "tool_choice"  # no tools
+    forced_json = {**CHAT, "tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}
+    assert _raises(ChatCompletionRequest, forced_json).param == "response_format"
+    orphan = {"model": "m", "messages": [{"role": "tool", "content": "21C"}]}
+    assert _raises(ChatCompletionRequest, orphan).param == "messages[0]"
+    chat = parse_request(ChatCompletionRequest, json.dumps({**CHAT, "tools": [TOOL]}).encode())
+    assert chat.tool_spec() == "auto"  # tools without a choice: the model chooses
+    assert parse_request(ChatCompletionRequest, json.dumps(CHAT).encode()).tool_spec() == "none"
+
+
+def test_tool_calls_in_the_history_reach_the_engine() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "21C", "tool_call_id": "call_1"},
+    ]}  # fmt: skip
+    messages = [m.engine_message() for m in parse_request(ChatCompletionRequest, json.dumps(body).encode()).messages]
+    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert messages[2] == {"role": "tool", "content": "21C", "tool_call_id": "call_1"}
+
+
+def test_tool_call_answers_validate_as_openai_types() -> None:
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]
+    whole = ChatCompletion.model_validate(chat_completion("c", "m", [Choice("", "tool_calls", None, calls)], 5, 4))
+    message = whole.choices[0].message
+    assert message.content is None and message.tool_calls[0].function.arguments == '{"a": 1}'  # type: ignore[index]
+    writer = ChunkWriter(chat=True, request_id="c", model="m", include_usage=False)
+    head = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    rest = {"index": 0, "function": {"arguments": '{"a": 1}'}}
+    frames = [
+        writer.first(),
+        writer.delta("", None, tool_calls=[head]),
+        writer.delta("", "tool_calls", tool_calls=[rest]),
+    ]
+    chunks = [ChatCompletionChunk.model_validate_json(f[6:]) for f in frames]
+    deltas = [c.choices[0].delta for c in chunks]
+    assert deltas[1].tool_calls[0].function.name == "f" and deltas[1].tool_calls[0].id == "call_1"  # type: ignore[index,union-attr]
+    assert deltas[2].tool_calls[0].function.arguments == '{"a": 1}'  # type: ignore[index,union-attr]
+    assert chunks[2].choices[0].finish_reason == "tool_calls"
 
 
 def test_logprobs_and_response_format_are_checked_and_mapped() -> None:
