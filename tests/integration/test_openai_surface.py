@@ -191,7 +191,12 @@ def _check_weather_answer(answer: str, finish: str | None) -> None:
     assert "sunny" in answer.lower() or "21" in answer, answer  # it answered from the tool's result
 
 
-def test_tool_round_trip_required_then_answer(client: openai.OpenAI) -> None:
+def test_tool_round_trip_required_then_answer(stack: Stack) -> None:
+    from orch.ledger import Price, cost
+    from tests.integration.test_tap_billing import account, new_tenant, usage
+
+    tenant, key = new_tenant(stack, 10_000_000)
+    client = openai.OpenAI(base_url=stack.v1, api_key=key, max_retries=0, timeout=300)
     reply = client.chat.completions.create(
         model=MODEL, messages=[QUESTION], tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0
     )  # type: ignore[arg-type]
@@ -203,6 +208,15 @@ def test_tool_round_trip_required_then_answer(client: openai.OpenAI) -> None:
     for call in calls:
         jsonschema.validate(json.loads(call.function.arguments), WEATHER)  # an object, not the string vLLM gives
     _check_weather_answer(*_answer_from(client, calls[0].model_dump(exclude_none=True), stream=False))
+
+    # Billed to the token: the holds covered the tools and calls in the prompts (a short hold is charged
+    # only what it held), and the ledger's debits equal the usage rows.
+    a = account(stack, tenant)
+    rows = usage(stack, tenant)["data"]
+    price = Price(1_000_000, 2_000_000)  # configs/local.yaml's
+    assert len(rows) == 2 and rows[0]["prompt_tokens"] > 200  # the tools' instructions are in the prompt
+    assert [r["cost_micro"] for r in rows] == [cost(price, r["prompt_tokens"], r["completion_tokens"]) for r in rows]
+    assert a["spent_micro_credits"] == sum(r["cost_micro"] for r in rows)
 
 
 def test_tool_round_trip_streamed(client: openai.OpenAI) -> None:
