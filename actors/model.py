@@ -1,4 +1,5 @@
-"""ModelActor: one engine's lifecycle (start, health, stats, shutdown) and its generate stream.
+"""ModelActor: one engine's lifecycle (start, health, stats, shutdown), its generate stream, or its
+embeddings for a pooling model (``task: embed``).
 
 A thin shell: the engine does the work. Serve hosts it as the model deployment
 (``apps/model_server.py``); tests can drive it directly without Ray.
@@ -14,7 +15,8 @@ from typing import Any
 import ray
 
 from orch.billing import PromptLimits
-from orch.config import ModelConfig
+from orch.config import EngineConfig, ModelConfig
+from orch.embeddings import Embedded, EmbeddingJob
 from orch.engine import Delta, Engine, EngineStats, GenerationRequest, VLLMEngine
 from orch.models import cuda_available, resolve_model_source
 from orch.startup import EngineStartError, describe, own_log_tail
@@ -49,9 +51,14 @@ class ModelActor:
             if self.note:
                 log.warning("%s: %s", config.name, self.note)
         self.engine_config = engine_config
-        self.engine: Engine = engine or VLLMEngine(
-            resolve_model_source(config.source, data_dir), engine_config, stream_interval=config.stream_interval
-        )
+        self.engine: Engine = engine or self._engine(resolve_model_source(config.source, data_dir), engine_config)
+
+    def _engine(self, path: str, engine_config: EngineConfig) -> Engine:
+        if self.config.task == "embed":
+            from orch.embeddings import VLLMEmbedder
+
+            return VLLMEmbedder(path, engine_config)
+        return VLLMEngine(path, engine_config, stream_interval=self.config.stream_interval)
 
     async def start(self) -> None:
         try:
@@ -61,6 +68,9 @@ class ModelActor:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         return self.engine.generate(request)
+
+    async def embed(self, job: EmbeddingJob) -> Embedded:
+        return await self.engine.embed(job)  # type: ignore[no-any-return]
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible ingress of a tap: routes map HTTP to calls, results and errors back to HTTP.
 
 OpenAI routes (Bearer key of this tap): ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /v1/chat/completions``, ``POST /v1/completions``; the account and admin routes are in
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``; the account and admin routes are in
 ``apps/admin_api.py``. ``GET /health`` is open. Bodies over ``apps.wire.MAX_BODY_BYTES`` are refused
 (413) before they are read whole.
 
@@ -37,15 +37,17 @@ from apps.model_port import HandleModel, ModelPort, ModelStream
 from apps.wire import SettlingStream, api_error, error_response, overhead_header, read_body, sse_frames
 from orch.billing import KeyCache, Principal, PromptLimits, bearer_token, hold_amount, prompt_token_bound
 from orch.config import TapConfig, data_dir
+from orch.embeddings import EmbeddingJob, EmbeddingRequest, embedding_response
 from orch.engine import Delta, GenerationRequest, TokenLogprob
 from orch.errors import (
     EngineUnavailable,
     Forbidden,
+    InvalidRequest,
     MethodNotAllowed,
     NotFound,
 )
 from orch.lease import Leases, LeaseSettings
-from orch.ledger import Price
+from orch.ledger import Price, cost
 from orch.metering import Admission, Meter, Settler
 from orch.protocol import (
     ChatCompletionRequest,
@@ -87,6 +89,7 @@ class OpenAIFront:
         self._tap = tap.tap
         self._billing = tap.billing
         self._prices = {m.name: Price(m.price.input_per_m, m.price.output_per_m) for m in tap.models}
+        self._tasks = {m.name: m.task for m in tap.models}
         self._limits: dict[str, PromptLimits] = {}
         self._created = int(time.time())
         self._ledger = LedgerClient(Path(root), shards=tap.ledger_shards)
@@ -107,6 +110,7 @@ class OpenAIFront:
         self._routes = [
             Route("POST", re.compile(r"/v1/chat/completions"), self._chat, tenant),
             Route("POST", re.compile(r"/v1/completions"), self._completions, tenant),
+            Route("POST", re.compile(r"/v1/embeddings"), self._embeddings, tenant),
             Route("GET", re.compile(r"/v1/models"), self._list_models, tenant),
             Route("GET", re.compile(r"/v1/models/(.+)"), self._get_model, tenant),
             Route("GET", re.compile(r"/health"), self._health, "open"),
@@ -171,7 +175,7 @@ class OpenAIFront:
         return JSONResponse({"object": "list", "data": [self._model_card(name) for name in self._models]})
 
     async def _get_model(self, request: Request, principal: Principal, name: str) -> Response:
-        self._model(name)
+        self._model(name, self._tasks.get(name, "generate"))
         return JSONResponse(self._model_card(name))
 
     async def _health(self, request: Request) -> Response:
@@ -184,10 +188,15 @@ class OpenAIFront:
         replica = serve.get_replica_context().replica_id.unique_id  # which gateway replica answered
         return JSONResponse({"status": "ok", "models": list(self._models), "replica": replica, "key_cache": keys})
 
-    def _model(self, name: str) -> ModelPort:
+    def _model(self, name: str, task: str = "generate") -> ModelPort:
         model = self._models.get(name)
         if model is None:
             raise NotFound(f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        if self._tasks[name] != task:
+            what = "chat and text completions" if self._tasks[name] == "generate" else "embeddings"
+            raise InvalidRequest(
+                f"The model '{name}' serves {what} only.", param="model", code="model_not_supported"
+            )  # fmt: skip
         return model
 
     # ---- completions ------------------------------------------------------------------------------
@@ -253,6 +262,33 @@ class OpenAIFront:
             writer = ChunkWriter(chat=chat, request_id=request_id, model=req.model, include_usage=req.include_usage)
             return SettlingStream(meter, stream, self._settle, sse_frames(writer, meter, stream, self._settle))
         return await self._collect(chat, req.n, meter, stream)
+
+    async def _embeddings(self, request: Request, principal: Principal) -> Response:
+        """``POST /v1/embeddings``: holds the cost of the inputs' token bound, pays for the counted tokens."""
+        req: EmbeddingRequest = parse_request(EmbeddingRequest, await read_body(request))
+        model = self._model(req.model, "embed")
+        limits = await self._prompt_limits(req.model, model)
+        inputs = req.inputs()
+        bound = sum(prompt_token_bound(limits, prompt=x) for x in inputs)
+        price, request_id = self._prices[req.model], new_id("embd")
+        if self._billing == "credits":
+            why = f"{len(inputs)} input(s) of at most {bound} tokens in all"
+            meter = await self._admission.admit(principal, req.model, price, request_id, cost(price, bound, 0), why=why)
+        else:
+            meter = Meter(principal, req.model, price, request_id, None)
+        meter.t0 = request.scope["orch.t0"]
+        meter.end_user = req.user
+        meter.http_request_id = (request.headers.get("x-request-id") or "")[:200] or None
+        try:
+            embedded = await model.embed(EmbeddingJob(request_id, inputs, req.dimensions))
+        except BaseException as exc:
+            self._settle(meter, "aborted" if isinstance(exc, asyncio.CancelledError) else "error")
+            raise
+        meter.last = Delta("", embedded.prompt_tokens, 0, "stop", embedded.engine_ms)
+        meter.first_token()
+        await asyncio.shield(self._settle(meter, "ok"))
+        body = embedding_response(req.model, embedded, req.encoding_format)
+        return JSONResponse(body, headers=overhead_header(meter))
 
     async def _prompt_limits(self, name: str, model: ModelPort) -> PromptLimits:
         limits = self._limits.get(name)

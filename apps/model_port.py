@@ -1,8 +1,8 @@
 """How the OpenAI front reaches a model: through a Serve handle, or in its own process.
 
 The front (``apps/gateway.py``) sees a model as a :class:`ModelPort`: a stream of deltas per request,
-the prompt limits, a health check. :class:`HandleModel` is the model deployment behind a streaming
-``DeploymentHandle`` (one Ray hop per chunk; the front scales apart from the model);
+embeddings (a pooling model), the prompt limits, a health check. :class:`HandleModel` is the model
+deployment behind a streaming ``DeploymentHandle`` (one Ray hop per chunk; the front scales apart);
 :class:`LocalModel` is an engine in the front's own replica (``apps/tap_replica.py``: no hop at all).
 """
 
@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.model import ModelActor
 from orch.billing import PromptLimits
+from orch.embeddings import Embedded, EmbeddingJob
 from orch.engine import Delta, GenerationRequest
 
 
@@ -29,6 +30,7 @@ class ModelStream(Protocol):
 
 class ModelPort(Protocol):
     def stream(self, request: GenerationRequest) -> ModelStream: ...
+    async def embed(self, job: EmbeddingJob) -> Embedded: ...
     async def limits(self) -> PromptLimits: ...
     async def check_health(self) -> None: ...
 
@@ -43,6 +45,9 @@ class HandleModel:
 
     def stream(self, request: GenerationRequest) -> ModelStream:
         return self._stream.generate.remote(request)  # type: ignore[return-value]  # stream=True: a DeploymentResponseGenerator
+
+    async def embed(self, job: EmbeddingJob) -> Embedded:
+        return await self._handle.embed.remote(job)  # type: ignore[no-any-return]
 
     async def limits(self) -> PromptLimits:
         return await self._handle.limits.remote()  # type: ignore[no-any-return]
@@ -61,6 +66,9 @@ class LocalModel:
 
     def stream(self, request: GenerationRequest) -> ModelStream:
         return LocalStream(self._actor.generate(request), request.request_id, self._cancel)
+
+    async def embed(self, job: EmbeddingJob) -> Embedded:
+        return await self._actor.embed(job)
 
     async def limits(self) -> PromptLimits:
         return self._actor.limits()

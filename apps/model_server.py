@@ -20,6 +20,7 @@ from actors.gpu_group import GPUGroup
 from actors.model import ModelActor
 from orch.billing import PromptLimits
 from orch.config import ModelConfig
+from orch.embeddings import Embedded, EmbeddingJob
 from orch.engine import Delta, GenerationRequest
 
 log = logging.getLogger("ray.serve")
@@ -37,6 +38,9 @@ class ModelHost:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         async for delta in self._actor.generate(request):
             yield delta
+
+    async def embed(self, job: EmbeddingJob) -> Embedded:
+        return await self._actor.embed(job)
 
     async def abort(self, request_id: str) -> None:
         await self._actor.abort(request_id)

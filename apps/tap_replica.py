@@ -1,4 +1,4 @@
-"""A single-model tap whose OpenAI front runs inside each model replica (``gateway.colocate: true``).
+"""A tap whose OpenAI front runs inside each replica of its one generating model (``gateway.colocate``).
 
 Each replica hosts one engine and the tap's routes: Serve's proxy routes HTTP across the replicas and
 autoscales them on their ongoing requests, as it does for the model deployment alone, and a token goes
@@ -6,6 +6,7 @@ from the engine's output handler to the SSE writer in the same process: no Ray h
 serialisation per chunk (``apps/gateway.py``'s :class:`Gateway` pays one of each). Admission, leases and
 settles are the gateway's, per replica. The deployment keeps the model deployment's name
 (``model-<name>``) and handle methods, so ``describe``, ``stats`` and ``generate`` answer as before.
+The tap's embedding models keep deployments of their own, reached through their handles.
 """
 
 from __future__ import annotations
@@ -15,18 +16,28 @@ from typing import Any
 
 from ray import serve
 from ray.serve.deployment import Application
+from ray.serve.handle import DeploymentHandle
 
 from apps.gateway import SHUTDOWN_DRAIN_S, OpenAIFront
-from apps.model_port import LocalModel
-from apps.model_server import ModelHost, model_options
+from apps.model_port import HandleModel, LocalModel, ModelPort
+from apps.model_server import ModelHost, model_deployment, model_options
 from orch.config import TapConfig
 
 
 @serve.deployment(logging_config={"enable_access_log": False})
 class TapReplica(ModelHost, OpenAIFront):
-    async def __init__(self, model: dict[str, Any], data_dir: str, config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
+    async def __init__(  # type: ignore[misc]  # Serve awaits it
+        self,
+        model: dict[str, Any],
+        data_dir: str,
+        config: dict[str, Any],
+        others: dict[str, DeploymentHandle] | None = None,
+    ) -> None:
+        """``others``: the tap's embedding models, deployments of their own reached through their handles."""
         await self._start_engine(model, data_dir)
-        await self._open({self._actor.config.name: LocalModel(self._actor)}, config)
+        ports: dict[str, ModelPort] = {self._actor.config.name: LocalModel(self._actor)}
+        ports |= {name: HandleModel(handle) for name, handle in (others or {}).items()}
+        await self._open(ports, config)
 
     async def __del__(self) -> None:
         try:
@@ -38,8 +49,9 @@ class TapReplica(ModelHost, OpenAIFront):
 def tap_replica_deployment(config: TapConfig, data_dir: Path) -> Application:
     """Binds the tap's one model with its front inside: the model's resources plus the gateway's CPUs,
     the model's autoscaling, the gateway's shutdown drain."""
-    (model,) = config.models
+    (model,) = [m for m in config.models if m.task == "generate"]
+    others = {m.name: model_deployment(m, data_dir) for m in config.models if m is not model}
     options = model_options(model, extra_cpus=config.gateway.num_cpus)
     options["graceful_shutdown_timeout_s"] = SHUTDOWN_DRAIN_S + 10
     tap = config.model_dump(mode="json") | {"data_dir": str(data_dir)}
-    return TapReplica.options(**options).bind(model.model_dump(), str(data_dir), tap)  # type: ignore[attr-defined]
+    return TapReplica.options(**options).bind(model.model_dump(), str(data_dir), tap, others)  # type: ignore[attr-defined]

@@ -134,6 +134,11 @@ class ModelConfig(StrictModel):
     source: str = Field(
         "default", description="'default' (SmolLM2-135M-Instruct, offline), a local folder, or a HF id."
     )
+    task: Literal["generate", "embed"] = Field(
+        "generate",
+        description="generate: chat and text completions; embed: /v1/embeddings from a pooling model (vLLM "
+        "runner pooling), billed by input tokens at price.input_per_m.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica scaling.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs one replica reserves.")
@@ -161,8 +166,8 @@ class GatewayConfig(StrictModel):
         None,
         description="Serve the OpenAI routes inside each model replica: a token crosses no Ray hop, and the front "
         "scales with the model's autoscaling (gateway num_cpus is added to each model replica's). Needs a tap of "
-        "one model and one gateway replica. None (default): colocate exactly then; false: a gateway deployment "
-        "of its own in front of the models.",
+        "one generating model (embedding models keep deployments of their own) and one gateway replica. None "
+        "(default): colocate exactly then; false: a gateway deployment of its own in front of the models.",
     )
 
 
@@ -205,8 +210,12 @@ class TapConfig(StrictModel):
         names = [m.name for m in self.models]
         if len(names) != len(set(names)):
             raise ValueError(f"model names must be unique, got {names}")
-        if self.gateway.colocate and len(names) != 1:
-            raise ValueError(f"gateway.colocate serves one model per tap, this tap has {len(names)}: {names}")
+        generating = [m.name for m in self.models if m.task == "generate"]
+        if self.gateway.colocate and len(generating) != 1:
+            raise ValueError(
+                "gateway.colocate runs the front inside one generating model's replicas (embedding models are "
+                f"reached by handle); this tap has {len(generating)}: {generating}"
+            )
         if self.gateway.colocate and self.gateway.num_replicas != 1:
             raise ValueError(
                 "gateway.num_replicas does not apply with gateway.colocate (the front scales with the model's "
@@ -225,7 +234,7 @@ class TapConfig(StrictModel):
         """
         if self.gateway.colocate is not None:
             return self.gateway.colocate
-        return len(self.models) == 1 and self.gateway.num_replicas == 1
+        return sum(m.task == "generate" for m in self.models) == 1 and self.gateway.num_replicas == 1
 
 
 def load_args(model: type[StrictModel], args: dict[str, Any], where: str = "args") -> Any:

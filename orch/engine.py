@@ -98,6 +98,8 @@ class Engine(Protocol):
 
     def limits(self) -> PromptLimits: ...
 
+    async def embed(self, job: Any) -> Any: ...  # orch.embeddings.EmbeddingJob -> Embedded
+
     def shutdown(self) -> None: ...
 
 
@@ -166,7 +168,12 @@ class VLLMEngine:
         per_prompt = len(self._tokenizer.encode(""))
         tools, per_tool = self._measure_tools()
         return PromptLimits(
-            self._max_model_len, per_message + 4, per_prompt + 4, self._max_token_bytes(), tools + 4, per_tool + 4
+            self._max_model_len,
+            per_message + 4,
+            per_prompt + 4,
+            max_token_bytes(self._tokenizer),
+            tools + 4,
+            per_tool + 4,
         )
 
     def _measure_tools(self) -> tuple[int, int]:
@@ -198,23 +205,6 @@ class VLLMEngine:
         except KeyError:
             known = ", ".join(sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers}))
             raise ValueError(f"engine.tool_parser: unknown vLLM tool parser '{name}'; known: {known}") from None
-
-    def _max_token_bytes(self) -> int:
-        """The most UTF-8 bytes of text one token can stand for, over the whole vocabulary (added and
-        special tokens included): bounds a prompt's tokens from below by its bytes, without tokenising.
-
-        A byte-level BPE entry spells each byte as one character; a SentencePiece piece decodes to its
-        text (+1 for the space its '▁' stands for). A normaliser may shrink text (NFC composes up to
-        3 jamo into one syllable), so with one the bound is widened 4×."""
-        vocab: dict[str, int] = self._tokenizer.get_vocab()
-        longest = max((len(token) for token in vocab), default=1)
-        try:
-            texts = self._tokenizer.batch_decode([[i] for i in sorted(vocab.values())])
-            longest = max([longest, *(len(t.encode("utf-8", "replace")) + 1 for t in texts)])
-            normalizer = getattr(getattr(self._tokenizer, "backend_tokenizer", None), "normalizer", "unknown")
-        except Exception:  # not an HF tokenizer: the entries' UTF-8 bytes, widened
-            longest, normalizer = max(len(t.encode("utf-8", "replace")) for t in vocab), "unknown"
-        return longest * (1 if normalizer is None else 4)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids the engine will see: the chat template applied by the model's own tokenizer."""
@@ -280,7 +270,7 @@ class VLLMEngine:
                 **{k: v for k, v in optional.items() if v is not None},
             )
         except (VLLMClientError, ValueError, TypeError, OverflowError) as exc:  # vLLM's checks of client values
-            raise _client_error(exc) from None
+            raise client_error(exc) from None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Streams deltas; cancelling the iteration aborts the engine request (vLLM does it on cancel)."""
@@ -326,7 +316,7 @@ class VLLMEngine:
         except APIError:
             raise
         except VLLMClientError as exc:
-            raise _client_error(exc) from None
+            raise client_error(exc) from None
         except (asyncio.CancelledError, GeneratorExit):
             self._aborted += 1  # vLLM's generate() aborted the request on its way out
             raise
@@ -382,6 +372,12 @@ class VLLMEngine:
         text = logprob.decoded_token
         return text if text is not None else str(self._tokenizer.decode([token_id]))
 
+    async def embed(self, job: Any) -> Any:
+        raise InvalidRequest(
+            "This model does not serve embeddings: send them to an embedding model.", param="model",
+            code="model_not_supported",
+        )  # fmt: skip
+
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
@@ -412,6 +408,24 @@ def _feed(stream: CallStream, text: str, token_ids: Any, finish: str | None) -> 
     return content, fragments
 
 
+def max_token_bytes(tokenizer: Any) -> int:
+    """The most UTF-8 bytes of text one token can stand for, over the whole vocabulary (added and
+    special tokens included): bounds a prompt's tokens from below by its bytes, without tokenising.
+
+    A byte-level BPE entry spells each byte as one character; a SentencePiece piece decodes to its
+    text (+1 for the space its '▁' stands for). A normaliser may shrink text (NFC composes up to
+    3 jamo into one syllable), so with one the bound is widened 4×."""
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    longest = max((len(token) for token in vocab), default=1)
+    try:
+        texts = tokenizer.batch_decode([[i] for i in sorted(vocab.values())])
+        longest = max([longest, *(len(t.encode("utf-8", "replace")) + 1 for t in texts)])
+        normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", "unknown")
+    except Exception:  # not an HF tokenizer: the entries' UTF-8 bytes, widened
+        longest, normalizer = max(len(t.encode("utf-8", "replace")) for t in vocab), "unknown"
+    return longest * (1 if normalizer is None else 4)
+
+
 def _prompt_param(request: GenerationRequest) -> str:
     return "messages" if request.messages is not None else "prompt"
 
@@ -421,14 +435,14 @@ _SAMPLING_FIELDS = re.compile(
 )
 
 
-def _client_error(exc: Exception) -> InvalidRequest:
+def client_error(exc: Exception, default_param: str | None = None) -> InvalidRequest:
     """A 400 for vLLM's refusal of a request, naming the field (its ``parameter``, else the field its
-    message names, as in "stop cannot contain an empty string")."""
+    message names, as in "stop cannot contain an empty string", else ``default_param``)."""
     message = str(exc)
     param = getattr(exc, "parameter", None)
     if param is None:
         match = _SAMPLING_FIELDS.search(message)
-        param = match.group(1) if match else None
+        param = match.group(1) if match else default_param
     return InvalidRequest(f"Invalid request: {message}", param=param, code="invalid_value")
 
 

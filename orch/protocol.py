@@ -238,7 +238,7 @@ def chat_texts(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any
     return texts
 
 
-def parse_request(model: type[_Sampling], body: bytes) -> Any:
+def parse_request(model: type[_Request], body: bytes) -> Any:
     """Parses and validates a JSON body into ``model``; raises :class:`InvalidRequest` naming the parameter.
 
     >>> parse_request(ChatCompletionRequest, b'{"model": "m"}').messages

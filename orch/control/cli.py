@@ -202,9 +202,12 @@ def _with_data_dir(config: dict[str, Any], root: Path) -> dict[str, Any]:
 
 def _materialise_sources(config: dict[str, Any], root: Path) -> None:
     """Converts the default model here, with a progress bar, instead of silently inside a replica."""
-    from orch.models import DEFAULT_MODEL_NAME, materialise_default_model
+    from orch.models import DEFAULT_MODEL_NAME, materialise_default_embedding_model, materialise_default_model
 
     for app in config["applications"]:
+        for model in (app.get("args") or {}).get("models", []):
+            if model.get("source") == "default-embedding":  # an unzip: seconds
+                materialise_default_embedding_model(Path(app["args"]["data_dir"]))
         for model in (app.get("args") or {}).get("models", []):
             if model.get("source", "default") in ("default", DEFAULT_MODEL_NAME):
                 where = Path(app["args"]["data_dir"])

@@ -48,7 +48,8 @@ LEASE_TTL_S = 10  # the least allowed: a killed replica's lease is back in the b
 
 def local_config(port: int, model_dir: Path, replicas: int = TAP_REPLICAS) -> dict[str, Any]:
     """configs/local.yaml as shipped, on another port, with the already materialised model folder,
-    ``replicas`` model replicas (the front runs in each) and leases of :data:`LEASE_TTL_S`.
+    ``replicas`` chat model replicas (the front runs in each) and leases of :data:`LEASE_TTL_S`; the
+    embedding model as shipped.
 
     ``LLAMA_ORCH_TEST_ENGINE=<dtype>:<compiled|eager>`` runs the session's engine with another setting
     (e.g. to show the golden-answer test failing on ``bfloat16:compiled``)."""
@@ -58,6 +59,8 @@ def local_config(port: int, model_dir: Path, replicas: int = TAP_REPLICAS) -> di
     for app in config["applications"]:
         app["args"]["lease_ttl_s"] = LEASE_TTL_S
         for model in app["args"]["models"]:
+            if model.get("task") == "embed":  # the default embedding model, one replica, as shipped
+                continue
             model["source"] = str(model_dir)
             model["autoscaling"] = {"min_replicas": replicas, "max_replicas": replicas}
             if override:

@@ -45,6 +45,7 @@ def test_a_gpu_group_lands_on_the_node_with_the_gpus(tmp_path: Path, model_dir: 
         config["http_options"]["port"] = port = free_port()
         model = config["applications"][0]["args"]["models"][0]
         model["source"], model["engine"] = str(tiny), ENGINE
+        config["applications"][0]["args"]["models"] = [model]  # the chat model only: GPU groups are the point
         (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
 
         def orch(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -72,8 +72,10 @@ def test_autoscaling_maps_to_serve() -> None:
 def test_colocate_serves_one_model_per_tap() -> None:
     one = {"models": [{"name": "a"}], "gateway": {"colocate": True}}
     assert TapConfig.model_validate(one).gateway.colocate
-    with pytest.raises(ConfigError, match="gateway.colocate serves one model per tap, this tap has 2"):
+    with pytest.raises(ConfigError, match="gateway.colocate runs the front inside one generating model's"):
         load_args(TapConfig, {**one, "models": [{"name": "a"}, {"name": "b"}]})
+    with_embeddings = {**one, "models": [{"name": "a"}, {"name": "e", "task": "embed"}]}
+    assert TapConfig.model_validate(with_embeddings).colocated  # embedding models are reached by handle
     with pytest.raises(ConfigError, match="gateway.num_replicas does not apply with gateway.colocate"):
         load_args(TapConfig, {**one, "gateway": {"colocate": True, "num_replicas": 2}})
     # Unset, it is the fast shape wherever that shape can serve the tap.
@@ -97,5 +99,10 @@ def test_a_colocated_tap_is_one_deployment_with_the_models_resources_and_the_fro
     assert private.func_or_class.__name__ == "TapReplica" and private.name == "model-m"
     fronted = private_tap.build({"client": "acme", "model": "m", "gpus": 1, "colocate": False})._bound_deployment
     assert fronted.func_or_class.__name__ == "Gateway"
+    embeds = {"models": [*args["models"], {"name": "e", "task": "embed"}]}
+    both = public_tap.build(embeds)._bound_deployment
+    assert both.func_or_class.__name__ == "TapReplica" and both.name == "model-m"
+    others = both.init_args[3]  # the embedding model: a deployment of its own, bound for its handle
+    assert {name: app._bound_deployment.name for name, app in others.items()} == {"e": "model-e"}
     bare = private_tap.build({"client": "acme", "model": "m", "gpus": 1, "openai_gateway": False})
     assert bare._bound_deployment.func_or_class.__name__ == "ModelServer"  # no routes at all: colocate is moot
