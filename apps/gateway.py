@@ -49,17 +49,8 @@ from orch.errors import (
 from orch.lease import Leases, LeaseSettings
 from orch.ledger import Price, cost
 from orch.metering import Admission, Meter, Settler
-from orch.protocol import (
-    ChatCompletionRequest,
-    Choice,
-    ChunkWriter,
-    CompletionRequest,
-    chat_completion,
-    chat_texts,
-    new_id,
-    parse_request,
-    text_completion,
-)
+from orch.protocol import ChatCompletionRequest, CompletionRequest, chat_texts, parse_request
+from orch.responses import Choice, ChunkWriter, chat_completion, new_id, text_completion
 from orch.tools import merge_fragments
 
 log = logging.getLogger("ray.serve")

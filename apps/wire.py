@@ -15,7 +15,7 @@ from actors.ledger import LedgerUnavailable
 from apps.model_port import ModelStream
 from orch.errors import APIError, EngineUnavailable, InternalError, PayloadTooLarge
 from orch.metering import Meter
-from orch.protocol import ChunkWriter
+from orch.responses import ChunkWriter
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far past any prompt a model here can take (see prompt_token_bound)
 

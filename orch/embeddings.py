@@ -21,17 +21,19 @@ from pydantic import Field, field_validator
 
 from orch.billing import PromptLimits
 from orch.config import EngineConfig
-from orch.engine import EngineStats, GenerationRequest, client_error, max_token_bytes
+from orch.engine import EngineStats, GenerationRequest
 from orch.errors import EngineUnavailable, InvalidRequest
 from orch.models import default_engine_dtype
-from orch.protocol import _Request, usage_dict
+from orch.protocol import RequestModel
+from orch.responses import usage_dict
+from orch.vllm_parts import client_error, max_token_bytes
 
 log = logging.getLogger(__name__)
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(RequestModel):
     """``POST /v1/embeddings`` body: one input or a list (strings, or token ids)."""
 
     model: str = Field(min_length=1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,8 @@ from orch.billing import PromptLimits
 from orch.config import EngineConfig
 from orch.errors import APIError, EngineUnavailable, InvalidRequest
 from orch.models import default_engine_dtype
-from orch.tools import CallStream, ForcedCalls, ParsedCalls, forced_schema, render_inputs, template_knows_tools
+from orch.tools import CallStream, forced_schema, render_inputs, template_knows_tools
+from orch.vllm_parts import SchedulerCounts, call_streams, client_error, feed_calls, find_tool_parser, max_token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class VLLMEngine:
         self._limits = PromptLimits(0, 0, 0)
         self._native_tools = False  # the chat template renders tools itself (set at start)
         self._tool_parser: Any = None  # vLLM tool parser class for tool_choice auto (set at start)
-        self._scheduler = _SchedulerCounts()
+        self._scheduler = SchedulerCounts()
         self._aborted = 0
         # Tokenising a long prompt takes seconds: off the replica's loop, which serves every stream. One
         # thread, as vLLM's own front end does: a fast tokenizer is not safe to call from several at once.
@@ -141,7 +141,7 @@ class VLLMEngine:
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[counts.factory])
         self._tokenizer = self._llm.get_tokenizer()
         self._native_tools = template_knows_tools(getattr(self._tokenizer, "chat_template", None))
-        self._tool_parser = self._find_tool_parser()
+        self._tool_parser = find_tool_parser(self.config.tool_parser, self._native_tools)
         self._max_model_len = self._llm.model_config.max_model_len
         self._limits = self._measure_limits()
         log.info(
@@ -192,26 +192,11 @@ class VLLMEngine:
             return 0, 0
         return max(one - none, 0), max(two - one, 0)
 
-    def _find_tool_parser(self) -> Any:
-        """The vLLM tool parser class for ``tool_choice: auto``: the configured one, else ``hermes`` when the
-        template knows no tools (they are then rendered in Hermes' format); None: ``auto`` is refused."""
-        name = self.config.tool_parser or (None if self._native_tools else "hermes")
-        if name is None:
-            return None
-        from vllm.tool_parsers import ToolParserManager
-
-        try:
-            return ToolParserManager.get_tool_parser(name)
-        except KeyError:
-            known = ", ".join(sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers}))
-            raise ValueError(f"engine.tool_parser: unknown vLLM tool parser '{name}'; known: {known}") from None
-
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids the engine will see: the chat template applied by the model's own tokenizer."""
         if request.messages is not None:
-            tools = (
-                request.tools if request.tool_choice != "none" else None
-            )  # as vLLM's exclude_tools_when_tool_choice_none
+            # "none" leaves the tools out, as vLLM's exclude_tools_when_tool_choice_none does.
+            tools = request.tools if request.tool_choice != "none" else None
             messages, native_tools = render_inputs(request.messages, tools, native=self._native_tools)
             extra = {"tools": native_tools} if native_tools else {}
             text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
@@ -287,7 +272,7 @@ class VLLMEngine:
                 code="invalid_unicode",
             ) from None
         params = self._sampling_params(request, len(ids))
-        new_calls = self._call_streams(request, params)
+        new_calls = call_streams(request, params, self._tool_parser, self._tokenizer)
         calls: dict[int, CallStream] = {}  # per choice, when tools may be called
         produced = 0  # over every choice
         try:
@@ -301,7 +286,7 @@ class VLLMEngine:
                     text, finish, fragments = completion.text, completion.finish_reason, None
                     if new_calls is not None:
                         stream = calls.get(completion.index) or calls.setdefault(completion.index, new_calls())
-                        text, fragments = _feed(stream, completion.text, completion.token_ids, finish)
+                        text, fragments = feed_calls(stream, completion.text, completion.token_ids, finish)
                         finish = "tool_calls" if finish == "stop" and stream.called else finish
                     yield Delta(
                         text,
@@ -323,33 +308,6 @@ class VLLMEngine:
         except Exception as exc:
             log.warning("engine failed on %s: %s", request.request_id, type(exc).__name__)
             raise EngineUnavailable("The model engine failed; retry later.", code="engine_error") from None
-
-    def _call_streams(self, request: GenerationRequest, params: Any) -> Any:
-        """A factory of per-choice :class:`orch.tools.CallStream` (None: no tool can be called); ``auto``
-        needs the model's tool parser, and may make the engine keep special tokens in the text."""
-        if not request.tools or request.tool_choice == "none":
-            return None
-        if isinstance(request.tool_choice, dict):
-            name = request.tool_choice["function"]["name"]
-            return lambda: ForcedCalls(name)
-        if request.tool_choice == "required":
-            return lambda: ForcedCalls(None)
-        if self._tool_parser is None:
-            raise InvalidRequest(
-                "This model has no tool parser configured (engine.tool_parser), so it can't choose tools itself; "
-                "use 'tool_choice' 'required' or a named function.",
-                param="tool_choice",
-                code="unsupported_value",
-            )
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-        vllm_request = ChatCompletionRequest(
-            model="-", messages=[{"role": "user", "content": ""}], tools=request.tools, tool_choice="auto"
-        )
-        parser_cls, tokenizer = self._tool_parser, self._tokenizer
-        vllm_request = parser_cls(tokenizer, vllm_request.tools).adjust_request(vllm_request)
-        params.skip_special_tokens = vllm_request.skip_special_tokens  # tags that are special tokens stay in
-        return lambda: ParsedCalls(parser_cls(tokenizer, vllm_request.tools), vllm_request)
 
     def _token_logprobs(self, token_ids: Any, per_token: Any, top: int) -> tuple[TokenLogprob, ...]:
         """vLLM's logprobs of new tokens (a dict per token: id -> Logprob with rank and decoded text, the
@@ -400,75 +358,5 @@ class VLLMEngine:
             self._llm = None
 
 
-def _feed(stream: CallStream, text: str, token_ids: Any, finish: str | None) -> tuple[str, list[dict[str, Any]]]:
-    content, fragments = stream.feed(text, token_ids)
-    if finish is not None:
-        more, last = stream.finish()
-        content, fragments = content + more, fragments + last
-    return content, fragments
-
-
-def max_token_bytes(tokenizer: Any) -> int:
-    """The most UTF-8 bytes of text one token can stand for, over the whole vocabulary (added and
-    special tokens included): bounds a prompt's tokens from below by its bytes, without tokenising.
-
-    A byte-level BPE entry spells each byte as one character; a SentencePiece piece decodes to its
-    text (+1 for the space its '▁' stands for). A normaliser may shrink text (NFC composes up to
-    3 jamo into one syllable), so with one the bound is widened 4×."""
-    vocab: dict[str, int] = tokenizer.get_vocab()
-    longest = max((len(token) for token in vocab), default=1)
-    try:
-        texts = tokenizer.batch_decode([[i] for i in sorted(vocab.values())])
-        longest = max([longest, *(len(t.encode("utf-8", "replace")) + 1 for t in texts)])
-        normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", "unknown")
-    except Exception:  # not an HF tokenizer: the entries' UTF-8 bytes, widened
-        longest, normalizer = max(len(t.encode("utf-8", "replace")) for t in vocab), "unknown"
-    return longest * (1 if normalizer is None else 4)
-
-
 def _prompt_param(request: GenerationRequest) -> str:
     return "messages" if request.messages is not None else "prompt"
-
-
-_SAMPLING_FIELDS = re.compile(
-    r"\b(stop|seed|temperature|top_p|max_tokens|min_tokens|presence_penalty|frequency_penalty)\b"
-)
-
-
-def client_error(exc: Exception, default_param: str | None = None) -> InvalidRequest:
-    """A 400 for vLLM's refusal of a request, naming the field (its ``parameter``, else the field its
-    message names, as in "stop cannot contain an empty string", else ``default_param``)."""
-    message = str(exc)
-    param = getattr(exc, "parameter", None)
-    if param is None:
-        match = _SAMPLING_FIELDS.search(message)
-        param = match.group(1) if match else default_param
-    return InvalidRequest(f"Invalid request: {message}", param=param, code="invalid_value")
-
-
-class _SchedulerCounts:
-    """Receives vLLM's per-step scheduler stats (a stat logger) and keeps the latest counts."""
-
-    def __init__(self) -> None:
-        self.running = 0
-        self.waiting = 0
-
-    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        counts = self
-
-        class _Logger(StatLoggerBase):
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
-
-            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-                       engine_idx: int = 0) -> None:  # fmt: skip
-                if scheduler_stats is not None:
-                    counts.running = scheduler_stats.num_running_reqs
-                    counts.waiting = scheduler_stats.num_waiting_reqs
-
-            def log_engine_initialized(self) -> None:
-                pass
-
-        return _Logger(vllm_config, engine_index)

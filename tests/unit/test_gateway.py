@@ -17,7 +17,7 @@ from orch.engine import Delta
 from orch.errors import EngineUnavailable, InvalidRequest, PayloadTooLarge
 from orch.ledger import Price
 from orch.metering import Meter
-from orch.protocol import ChunkWriter
+from orch.responses import ChunkWriter
 
 
 class FakeStream:

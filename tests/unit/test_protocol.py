@@ -12,16 +12,13 @@ from orch.engine import TokenLogprob
 from orch.errors import InvalidRequest
 from orch.protocol import (
     ChatCompletionRequest,
-    Choice,
-    ChunkWriter,
     CompletionRequest,
     GrantBody,
-    chat_completion,
     parse_body,
     parse_request,
     parse_usage_query,
-    text_completion,
 )
+from orch.responses import Choice, ChunkWriter, chat_completion, text_completion
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

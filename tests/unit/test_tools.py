@@ -138,3 +138,19 @@ def test_auto_calls_come_from_vllms_own_parser_as_the_text_streams() -> None:
         ("get_weather", {"city": "Paris"})
     ]
     assert calls[0]["id"] and calls[0]["type"] == "function"
+
+
+def test_auto_needs_a_parser_and_a_wrong_parser_name_fails_the_start() -> None:
+    from orch.engine import GenerationRequest
+    from orch.vllm_parts import call_streams, find_tool_parser
+
+    assert find_tool_parser(None, native_tools=True) is None  # the template renders tools: no guess at its format
+    assert find_tool_parser(None, native_tools=False).__name__ == "Hermes2ProToolParser"
+    with pytest.raises(ValueError, match="engine.tool_parser: unknown vLLM tool parser 'hermes3'; known: .*hermes"):
+        find_tool_parser("hermes3", native_tools=False)
+    auto = GenerationRequest("r", messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice="auto")
+    with pytest.raises(InvalidRequest) as err:
+        call_streams(auto, None, None, None)
+    assert err.value.param == "tool_choice"
+    assert call_streams(GenerationRequest("r", messages=[], tools=TOOLS, tool_choice="required"), None, None, None)
+    assert call_streams(GenerationRequest("r", messages=[], tools=TOOLS, tool_choice="none"), None, None, None) is None
