@@ -277,3 +277,25 @@ def test_auto_tool_choice_answers_in_words_or_calls(client: openai.OpenAI) -> No
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}], max_tokens=2)  # type: ignore[list-item,misc]
     assert err.value.body["param"] == "messages[0]"  # type: ignore[index]
+
+
+def test_the_readmes_client_examples_run_as_written(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's ``openai`` examples (chat streaming, json_schema + logprobs, tools, embeddings), in
+    order, against this stack: only the URL and the key are swapped in."""
+    import re
+
+    from tests.integration.conftest import REPO
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    code = "\n".join(b for b in blocks if "client." in b or "OpenAI(" in b)
+    assert code.count("client.") >= 5, "the README lost its client examples"
+    code = code.replace('"http://127.0.0.1:8000/v1"', repr(stack.v1))
+    code = code.replace('open(".orch/demo_key").read().strip()', repr(stack.key))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # raises on any example that fails
+    out = capsys.readouterr().out
+    assert "get_weather {'city': 'Paris'}" in out, out
+    assert namespace["answer"].choices[0].message.content  # the answer from the tool's result
+    first, paraphrase, unrelated = namespace["vectors"]
+    cosine = namespace["cosine"]
+    assert len(first) == 384 and cosine(first, paraphrase) > cosine(first, unrelated)
