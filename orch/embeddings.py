@@ -156,9 +156,13 @@ class VLLMEmbedder:
             )
         try:
             params = PoolingParams(task="embed", dimensions=job.dimensions)
-            vectors = await asyncio.gather(
-                *(self._one(x, params, f"{job.request_id}-{i}") for i, x in enumerate(ids))
-            )  # fmt: skip
+            tasks = [asyncio.ensure_future(self._one(x, params, f"{job.request_id}-{i}")) for i, x in enumerate(ids)]
+            try:
+                vectors = await asyncio.gather(*tasks)
+            except BaseException:  # one failed or the client left: the others' engine requests are aborted
+                for task in tasks:
+                    task.cancel()
+                raise
         except VLLMClientError as exc:  # e.g. dimensions on a model without Matryoshka embeddings
             raise client_error(exc, "dimensions" if job.dimensions is not None else "input") from None
         except InvalidRequest:

@@ -271,6 +271,12 @@ class VLLMEngine:
                 param=_prompt_param(request),
                 code="invalid_unicode",
             ) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("jinja2"):  # the chat template refused these messages
+                raise InvalidRequest(
+                    f"This model's chat template refused the messages: {exc}", param="messages", code="invalid_value"
+                ) from None
+            raise
         params = self._sampling_params(request, len(ids))
         new_calls = call_streams(request, params, self._tool_parser, self._tokenizer)
         calls: dict[int, CallStream] = {}  # per choice, when tools may be called

@@ -33,9 +33,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Role
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: Annotated[str, Field(max_length=256)] | None = None
     tool_calls: list[ToolCallIn] | None = None  # an assistant's calls, in the history
-    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None  # a tool message: the call it answers
 
     @model_validator(mode="after")
     def _tool_message_names_its_call(self) -> ChatMessage:
@@ -222,6 +222,9 @@ class CompletionRequest(_Sampling):
         return None
 
 
+TOOL_RESULT_ROOM = "x" * 80  # a function name (at most 64 characters) and " returned: "
+
+
 def chat_texts(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[str]:
     """The texts a chat prompt is rendered from, for its token bound: each message's content, each call
     of the history and each tool (as JSON, which is how templates write them).
@@ -229,7 +232,9 @@ def chat_texts(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any
     >>> chat_texts([{"role": "user", "content": "Hi"}], [{"type": "function", "function": {"name": "f"}}])
     ['Hi', '{"type": "function", "function": {"name": "f"}}']
     """
-    texts = [m["content"] for m in messages]
+    texts = [m["content"] + m.get("name", "") + m.get("tool_call_id", "") for m in messages]
+    # A tool message may render as "<function name> returned: ..." (orch/tools.py): room for the name.
+    texts += [TOOL_RESULT_ROOM for m in messages if m["role"] == "tool"]
     texts += [json.dumps(c, ensure_ascii=False) for m in messages for c in m.get("tool_calls") or ()]
     texts += [json.dumps(t, ensure_ascii=False) for t in tools or ()]
     return texts

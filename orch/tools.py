@@ -60,7 +60,7 @@ Tools = Annotated[list[Tool], Field(min_length=1, max_length=128)]
 
 class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str
+    name: str = Field(max_length=64)  # a tool's name: what a result renders with (the hold counts 64)
     arguments: str
 
 
@@ -68,7 +68,7 @@ class ToolCallIn(BaseModel):
     """A call in an assistant message of the history."""
 
     model_config = ConfigDict(extra="allow")
-    id: str
+    id: str = Field(max_length=256)
     type: Literal["function"] = "function"
     function: CalledFunction
 
@@ -323,6 +323,7 @@ class ParsedCalls:
         self._request = request
         self._text = ""
         self._ids: list[int] = []
+        self._sent = 0  # characters of content sent
         self.called = False
 
     def feed(self, text: str, token_ids: Sequence[int]) -> tuple[str, list[Fragment]]:
@@ -338,12 +339,14 @@ class ParsedCalls:
             if call.get("id"):
                 call.setdefault("type", "function")
         self.called = self.called or bool(calls)
+        self._sent += len(message.content or "")
         return message.content or "", calls
 
     def finish(self) -> tuple[str, list[Fragment]]:
-        """Arguments the parser parsed but had not streamed yet (vLLM's server sends them last too)."""
+        """Arguments the parser parsed but had not streamed yet (vLLM's server sends them last too); with no
+        call, the text it held back as a possible tag's start ("<tool")."""
         if not self.called:
-            return "", []
+            return self._text[self._sent :], []
         rest = self._parser.get_remaining_unstreamed_args()
         return "", [_args(len(self._parser.prev_tool_call_arr) - 1, rest)] if rest else []
 

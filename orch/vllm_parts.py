@@ -81,9 +81,12 @@ def call_streams(request: GenerationRequest, params: Any, tool_parser: Any, toke
         )
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-    vllm_request = ChatCompletionRequest(
-        model="-", messages=[{"role": "user", "content": ""}], tools=request.tools, tool_choice="auto"
-    )
+    try:
+        vllm_request = ChatCompletionRequest(
+            model="-", messages=[{"role": "user", "content": ""}], tools=request.tools, tool_choice="auto"
+        )
+    except ValueError as exc:  # pydantic's ValidationError: tools vLLM's own server would refuse too
+        raise InvalidRequest(f"Invalid 'tools': {exc}", param="tools", code="invalid_value") from None
     parser_cls = tool_parser
     vllm_request = parser_cls(tokenizer, vllm_request.tools).adjust_request(vllm_request)
     params.skip_special_tokens = vllm_request.skip_special_tokens  # tags that are special tokens stay in

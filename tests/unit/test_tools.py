@@ -154,3 +154,18 @@ def test_auto_needs_a_parser_and_a_wrong_parser_name_fails_the_start() -> None:
     assert err.value.param == "tool_choice"
     assert call_streams(GenerationRequest("r", messages=[], tools=TOOLS, tool_choice="required"), None, None, None)
     assert call_streams(GenerationRequest("r", messages=[], tools=TOOLS, tool_choice="none"), None, None, None) is None
+
+
+def test_auto_text_held_back_as_a_possible_tag_comes_out_at_the_end() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.tool_parsers import ToolParserManager
+
+    from orch.tools import ParsedCalls
+
+    request = ChatCompletionRequest(
+        model="-", messages=[{"role": "user", "content": ""}], tools=TOOLS, tool_choice="auto"
+    )
+    stream = ParsedCalls(ToolParserManager.get_tool_parser("hermes")(_Vocab(), request.tools), request)  # type: ignore[arg-type]
+    content = "".join(stream.feed(part, [])[0] for part in ("1 ", "< 2 is true, x <", "tool"))
+    more, calls = stream.finish()
+    assert content + more == "1 < 2 is true, x <tool" and not calls and not stream.called
