@@ -35,6 +35,7 @@ from actors.ledger_client import LedgerClient
 from apps.admin_api import AccountAPI
 from apps.model_port import HandleModel, ModelPort, ModelStream
 from apps.wire import SettlingStream, api_error, error_response, overhead_header, read_body, sse_frames
+from orch.admission import AdmissionQueue, admission_settings, request_priority
 from orch.billing import KeyCache, Principal, PromptLimits, bearer_token, hold_amount, prompt_token_bound
 from orch.config import TapConfig, data_dir
 from orch.embeddings import EmbeddingJob, EmbeddingRequest, embedding_response
@@ -81,6 +82,7 @@ class OpenAIFront:
         self._billing = tap.billing
         self._prices = {m.name: Price(m.price.input_per_m, m.price.output_per_m) for m in tap.models}
         self._tasks = {m.name: m.task for m in tap.models}
+        self._queues = {m.name: AdmissionQueue(admission_settings(tap, m)) for m in tap.models if m.task == "generate"}
         self._limits: dict[str, PromptLimits] = {}
         self._created = int(time.time())
         self._ledger = LedgerClient(Path(root), shards=tap.ledger_shards)
@@ -116,6 +118,13 @@ class OpenAIFront:
         if settler is not None:
             leases = self._leases.close(SHUTDOWN_DRAIN_S) if self._leases is not None else asyncio.sleep(0)
             await asyncio.gather(leases, settler.drain(SHUTDOWN_DRAIN_S))
+
+    def admission_stats(self) -> dict[str, dict[str, Any]]:
+        """Per model: requests running in its engine(s) and waiting, and who waits (``llama-orch status``)."""
+        return {
+            name: {"running": q.running, "waiting": q.waiting, "queued": q.queued(), "max": q.settings.max_running}
+            for name, q in self._queues.items()
+        }
 
     async def _flush(self, tenant_id: str) -> None:
         """Before an account read: the tenant's lease batch waiting on this replica goes to the ledger."""
@@ -217,7 +226,16 @@ class OpenAIFront:
         **prompt: Any,
     ) -> Response:
         model = self._model(req.model)
-        meter = await self._admit(principal, req, request_id, model, prompt)
+        priority = request_priority(http.headers.get("x-priority"))
+        limits, bound = await self._prompt_bound(req, model, prompt)
+        queue = self._queues[req.model]
+        await queue.enter(principal.tenant_id, priority)
+        try:
+            meter = await self._admit(principal, req, request_id, limits, bound)
+        except BaseException:
+            queue.leave()
+            raise
+        meter.release = queue.leave  # at its settle
         meter.t0 = http.scope["orch.t0"]
         meter.end_user = req.user
         meter.http_request_id = (http.headers.get("x-request-id") or "")[:200] or None  # Serve sets one if absent
@@ -287,17 +305,10 @@ class OpenAIFront:
             limits = self._limits[name] = await model.limits()
         return limits
 
-    async def _admit(
-        self,
-        principal: Principal,
-        req: ChatCompletionRequest | CompletionRequest,
-        request_id: str,
-        model: ModelPort,
-        prompt: dict[str, Any],
-    ) -> Meter:
-        """Holds the request's worst-case cost (credits billing); 402 when the balance can't cover it.
-        Any billing: a prompt that is not Unicode or cannot fit the model is refused before tokenising."""
-        price = self._prices[req.model]
+    async def _prompt_bound(self, req: ChatCompletionRequest | CompletionRequest, model: ModelPort,
+                            prompt: dict[str, Any]) -> tuple[PromptLimits, int]:  # fmt: skip
+        """The model's limits and the prompt's token bound: a prompt that is not Unicode or cannot fit the
+        model is refused here, before it queues or holds anything."""
         limits = await self._prompt_limits(req.model, model)
         messages = prompt.get("messages")
         bound = prompt_token_bound(
@@ -308,6 +319,18 @@ class OpenAIFront:
             bound = min(
                 bound + limits.tools_tokens + limits.per_tool_tokens * len(prompt["tools"]), limits.max_model_len
             )
+        return limits, bound
+
+    async def _admit(
+        self,
+        principal: Principal,
+        req: ChatCompletionRequest | CompletionRequest,
+        request_id: str,
+        limits: PromptLimits,
+        bound: int,
+    ) -> Meter:
+        """Holds the request's worst-case cost (credits billing); 402 when the balance can't cover it."""
+        price = self._prices[req.model]
         if self._billing != "credits":
             return Meter(principal, req.model, price, request_id, None)
         amount = hold_amount(price, limits, bound, req.max_tokens, req.n)
@@ -359,6 +382,9 @@ class Gateway(OpenAIFront):
 
     async def __init__(self, models: dict[str, DeploymentHandle], config: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits an async constructor
         await self._open({name: HandleModel(handle) for name, handle in models.items()}, config)
+
+    def stats(self) -> dict[str, Any]:
+        return {"admission": self.admission_stats()}
 
     async def __del__(self) -> None:
         await self._close()

@@ -39,6 +39,7 @@ def tap_config(spec: TapSpec) -> TapConfig:
         models=[model],
         gateway=GatewayConfig(colocate=spec.colocate and spec.openai_gateway),
         billing=spec.billing,
+        admission=spec.admission,
         ledger_shards=spec.ledger_shards or 1,
         data_dir=spec.data_dir,
     )

@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from apps.gateway import SHUTDOWN_DRAIN_S, OpenAIFront
 from apps.model_port import HandleModel, LocalModel, ModelPort
 from apps.model_server import ModelHost, model_deployment, model_options
+from orch.admission import admission_settings
 from orch.config import TapConfig
 
 
@@ -39,6 +40,10 @@ class TapReplica(ModelHost, OpenAIFront):
         ports |= {name: HandleModel(handle) for name, handle in (others or {}).items()}
         await self._open(ports, config)
 
+    def stats(self) -> dict[str, Any]:
+        """The engine's counts and the admission queue's (``llama-orch status``)."""
+        return ModelHost.stats(self) | {"admission": self.admission_stats()}
+
     async def __del__(self) -> None:
         try:
             await self._close()
@@ -53,5 +58,9 @@ def tap_replica_deployment(config: TapConfig, data_dir: Path) -> Application:
     others = {m.name: model_deployment(m, data_dir) for m in config.models if m is not model}
     options = model_options(model, extra_cpus=config.gateway.num_cpus)
     options["graceful_shutdown_timeout_s"] = SHUTDOWN_DRAIN_S + 10
+    # Serve must hand the replica every request its admission queue may hold (and the account routes'),
+    # or they wait in Serve's own FIFO, where fair share and 429s can't reach them.
+    gate = admission_settings(config, model)
+    options["max_ongoing_requests"] = max(model.max_ongoing_requests, gate.max_running + gate.max_queue + 64)
     tap = config.model_dump(mode="json") | {"data_dir": str(data_dir)}
     return TapReplica.options(**options).bind(model.model_dump(), str(data_dir), tap, others)  # type: ignore[attr-defined]

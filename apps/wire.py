@@ -34,7 +34,7 @@ def api_error(exc: BaseException) -> APIError:
 
 
 def error_response(err: APIError) -> Response:
-    return Response(err.to_json(), status_code=err.status, media_type="application/json")
+    return Response(err.to_json(), status_code=err.status, media_type="application/json", headers=err.headers())
 
 
 class SettlingStream(StreamingResponse):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orch.models import cuda_available, default_data_dir
 
@@ -171,6 +171,27 @@ class GatewayConfig(StrictModel):
     )
 
 
+class AdmissionConfig(StrictModel):
+    """How a saturated model admits requests (``orch/admission.py``): a bounded queue, interactive before
+    batch, weighted fair share across tenants, 429 with Retry-After past the bound."""
+
+    max_running: int | None = Field(
+        None, ge=1, description="Requests one engine runs at once; None: its engine.max_num_seqs (per replica)."
+    )
+    max_queue: int = Field(256, ge=0, description="Requests waiting per engine; past it, 429.")
+    max_wait_s: float = Field(60.0, gt=0, description="A request whose predicted wait is longer gets 429 at once.")
+    fair_share: bool = Field(True, description="Weighted fair share across tenants; false: first come first served.")
+    weights: dict[str, float] = Field(default_factory=dict, description="Tenant id -> fair-share weight (default 1).")
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = [t for t, w in weights.items() if not w > 0]
+        if bad:
+            raise ValueError(f"weights must be > 0, got {bad[0]}: {weights[bad[0]]}")
+        return weights
+
+
 class TapConfig(StrictModel):
     """Arguments of a tap application (``args:`` in a Serve config file).
 
@@ -181,6 +202,7 @@ class TapConfig(StrictModel):
     tap: str = Field("public", pattern=r"^[a-z0-9][a-z0-9-]{0,63}$", description="Tap id; keys are issued per tap.")
     models: list[ModelConfig] = Field(min_length=1, description="Models served by this tap.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Ingress settings.")
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig, description="Queueing when saturated.")
     billing: Literal["credits", "contract"] = Field(
         "credits",
         description="credits: every request holds its worst-case cost first and is refused (402) when the balance "

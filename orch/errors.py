@@ -34,6 +34,10 @@ class APIError(Exception):
     def to_json(self) -> bytes:
         return json.dumps(self.body(), separators=(",", ":")).encode()
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the error's response carries besides its body."""
+        return {}
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Keeps param/code when the error crosses a Ray process boundary.
         return (_rebuild, (type(self), self.message, self.param, self.code))
@@ -79,8 +83,26 @@ class PayloadTooLarge(APIError):
 
 
 class RateLimited(APIError):
+    """429 with ``Retry-After`` (whole seconds) when ``retry_after_s`` is known."""
+
     status = 429
     type = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_rate_limited, (self.message, self.param, self.code, self.retry_after_s))
+
+
+def _rebuild_rate_limited(message: str, param: str | None, code: str | None, retry: int | None) -> RateLimited:
+    return RateLimited(message, param=param, code=code, retry_after_s=retry)
 
 
 class EngineUnavailable(APIError):

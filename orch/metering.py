@@ -58,6 +58,7 @@ class Meter:
     settled: asyncio.Future[None] | None = None
     end_user: str | None = None  # the request's ``user``
     http_request_id: str | None = None  # its X-Request-Id
+    release: Callable[[], None] | None = None  # gives its engine place back (orch.admission) when it ends
 
     def first_token(self) -> None:
         self.ttft_ms = round((time.monotonic() - self.t0) * 1000)
@@ -111,6 +112,12 @@ class Settler:
     def settle(self, meter: Meter, status: str) -> asyncio.Future[None]:
         """Charges the tokens the engine reported and writes the usage row. Idempotent per request."""
         if meter.settled is None:
+            release, meter.release = meter.release, None
+            if release is not None:  # its place in the engine goes to the next request waiting
+                try:
+                    release()
+                except Exception:  # never in the way of the charge
+                    log.exception("releasing %s's admission place failed", meter.request_id)
             if meter.lease is not None and self._leases is not None:
                 _, row = self._usage(meter, status)
                 self._leases.finish(meter.lease, meter.held, row)

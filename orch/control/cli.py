@@ -301,10 +301,27 @@ def cmd_status(root: Path) -> int:
         for dep_name, dep in app.deployments.items():
             replicas = ", ".join(f"{k}={v}" for k, v in dep.replica_states.items())
             print(f"  {dep_name}: {_word(dep.status)} [{replicas}]")
+            for line in _queue_lines(name, dep_name):
+                print("    " + line)
     record = read_up(root)
     if record:
         print(f"endpoint: {record['base_url']}/v1")
     return 0
+
+
+def _queue_lines(app: str, deployment: str) -> list[str]:
+    """Admission queues as one replica of a tap front sees them (each replica gates its own engine)."""
+    from ray import serve
+
+    try:
+        stats = serve.get_deployment_handle(deployment, app).stats.remote().result(timeout_s=10)
+    except Exception:  # not a front (a model deployment behind a gateway), or not running
+        return []
+    lines = []
+    for model, q in (stats.get("admission") or {}).items():
+        who = ", ".join(f"{tenant} {n}" for tenant, n in sorted(q["queued"].items())) or "none"
+        lines.append(f"queue {model}: {q['running']}/{q['max']} running, {q['waiting']} waiting (by tenant: {who})")
+    return lines
 
 
 def _word(status: object) -> str:

@@ -1,0 +1,173 @@
+"""Admission under a flood: a light tenant's TTFT with fair share on vs off, beside the engine-bound TTFT at
+full batch, and the flood's throughput on vs off (what fair share costs).
+
+    .venv/bin/python -m benchmarks.bench_router                 # ~6 min: two stacks, one after the other
+    .venv/bin/python -m benchmarks.bench_router --light 4       # quicker
+
+Each phase starts llama-orch as users do (``up`` on a copy of ``configs/local.yaml``: the chat model only,
+one replica, its engine batch = ``--batch`` = ``admission.max_running``) and runs, in order:
+
+1. *full batch*: tenant A keeps ``batch - 1`` streams in flight (the engine full, nobody queued) while
+   tenant B sends ``--light`` sequential requests: B's TTFT is the engine-bound TTFT at full batch;
+2. *flood*: A keeps ``4 × batch`` streams in flight (a queue of ``3 × batch`` forms) while B sends the same;
+   A's tokens per second over the flood are its throughput.
+
+Phase "fair share on" and phase "fair share off" (``admission.fair_share: false``, first come first
+served) differ in nothing else. Prints a table and writes ``benchmarks/results/router.json``.
+Prefix-affinity routing is not built yet, so its comparison is not in this benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from benchmarks.loadgen import percentile
+from benchmarks.servers import REPO, free_port, orch_cli, stop_group, wait_ready
+
+PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+
+
+def config(port: int, batch: int, fair: bool, out: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    args = cfg["applications"][0]["args"]
+    args["models"] = [m for m in args["models"] if m.get("task", "generate") == "generate"][:1]
+    args["models"][0]["engine"]["max_num_seqs"] = batch
+    args["admission"] = {"max_running": batch, "fair_share": fair, "max_queue": 16 * batch}
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, key: str, max_tokens: int) -> tuple[float, int, float]:
+    """(TTFT s, tokens, total s) of one streamed chat completion."""
+    body = {"model": "smollm2-135m-instruct", "messages": PROMPT, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start, ttft, tokens = time.monotonic(), None, 0
+    async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.monotonic() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return (ttft if ttft is not None else time.monotonic() - start), tokens, time.monotonic() - start
+
+
+async def scenario(url: str, key_a: str, key_b: str, streams: int, light: int, tokens: int) -> dict[str, Any]:
+    """A keeps ``streams`` in flight until B's ``light`` sequential requests are done."""
+    stop = asyncio.Event()
+    a_tokens, a_ttft = 0, []
+    limits = httpx.Limits(max_connections=streams + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def flood() -> None:
+            nonlocal a_tokens
+            while not stop.is_set():
+                ttft, n, _ = await stream_once(client, url, key_a, tokens)
+                a_tokens += n
+                a_ttft.append(ttft)
+
+        workers = [asyncio.ensure_future(flood()) for _ in range(streams)]
+        await asyncio.sleep(3.0)  # the flood is up (and its queue formed)
+        start, tokens_before = time.monotonic(), a_tokens
+        b_ttft = []
+        for _ in range(light):
+            ttft, _, _ = await stream_once(client, url, key_b, 16)
+            b_ttft.append(ttft)
+        elapsed = time.monotonic() - start
+        tokens_then = a_tokens - tokens_before
+        stop.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+    ms = [t * 1000 for t in b_ttft]
+    return {
+        "b_ttft_ms_p50": round(statistics.median(ms), 1),
+        "b_ttft_ms_p99": round(percentile(ms, 99), 1),
+        "a_ttft_ms_p50": round(statistics.median(a_ttft) * 1000, 1) if a_ttft else None,
+        "a_tokens_per_s": round(tokens_then / elapsed, 1),  # A's requests that ended while B was measured
+    }
+
+
+def tenant(base: str, admin_key: str) -> str:
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    t = httpx.post(base + "/admin/tenants", json={"name": "light"}, headers=admin, timeout=60).json()["tenant_id"]
+    grant = {"micro_credits": 10**13, "idempotency_key": f"{t}-bench"}
+    httpx.post(f"{base}/admin/tenants/{t}/grants", json=grant, headers=admin, timeout=60).raise_for_status()
+    key: str = httpx.post(f"{base}/admin/tenants/{t}/keys", json={}, headers=admin, timeout=60).json()["key"]
+    return key
+
+
+def phase(label: str, fair: bool, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    port, data = free_port(), Path(tempfile.mkdtemp(prefix="orch-router-"))
+    cfg = config(port, args.batch, fair, data / "config.yaml")
+    log = log_dir / f"router-{label.replace(' ', '-')}.log"
+    print(f"[{label}] llama-orch up ({data}) ...", flush=True)
+    try:
+        if orch_cli(data, "up", "--config", str(cfg), log_path=log, timeout_s=900) != 0:
+            return {"error": f"up failed; see {log}"}
+        base = f"http://127.0.0.1:{port}"
+        key_a = (data / "demo_key").read_text().strip()
+        wait_ready(base + "/v1", 60, api_key=key_a)
+        key_a_admin = (data / "admin_key").read_text().strip()
+        key_b = tenant(base, key_a_admin)
+        url = base + "/v1/chat/completions"
+        full = asyncio.run(scenario(url, key_a, key_b, args.batch - 1, args.light, args.tokens))
+        flood = asyncio.run(scenario(url, key_a, key_b, 4 * args.batch, args.light, args.tokens))
+        return {"full_batch": full, "flood": flood}
+    finally:
+        orch_cli(data, "down", log_path=log, timeout_s=120)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            stop_group(int(json.loads((data / "cluster.json").read_text())["pid"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="engine batch = admission.max_running")
+    parser.add_argument("--light", type=int, default=8, help="the light tenant's sequential requests")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per flood request")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "router.json")
+    args = parser.parse_args(argv)
+    log_dir = args.out.parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results = {"fair share on": phase("fair share on", True, args, log_dir),
+               "fair share off": phase("fair share off", False, args, log_dir)}  # fmt: skip
+    rows = [("", "B TTFT p50 ms", "B TTFT p99 ms", "A tok/s")]
+    for label, r in results.items():
+        if "error" in r:
+            rows.append((label, r["error"], "", ""))
+            continue
+        for part in ("full_batch", "flood"):
+            p = r[part]
+            name = f"{label}, {'full batch (engine-bound)' if part == 'full_batch' else 'flood 4x batch'}"
+            rows.append((name, str(p["b_ttft_ms_p50"]), str(p["b_ttft_ms_p99"]), str(p["a_tokens_per_s"])))
+    width = max(len(row[0]) for row in rows)
+    for row in rows:
+        print(f"{row[0]:<{width}}  {row[1]:>14}  {row[2]:>14}  {row[3]:>9}")
+    on, off = results["fair share on"], results["fair share off"]
+    if "error" not in on and "error" not in off:
+        results["ratios"] = {
+            "b_ttft_on_vs_engine_bound": round(on["flood"]["b_ttft_ms_p50"] / on["full_batch"]["b_ttft_ms_p50"], 2),
+            "b_ttft_off_vs_on": round(off["flood"]["b_ttft_ms_p50"] / on["flood"]["b_ttft_ms_p50"], 2),
+            "throughput_on_vs_off": round(on["flood"]["a_tokens_per_s"] / off["flood"]["a_tokens_per_s"], 3),
+        }
+        print(json.dumps(results["ratios"]))
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Admission when a model is saturated, on a private tap of the tiny Llama whose engine runs 2 requests
+at once and queues 6 more: weighted fair share across tenants, interactive before batch, and a 429 with
+``Retry-After`` past the bound that leaves no hold open. Orders, never absolute times: a request's usage
+row is stamped when it was admitted (after its wait), so the rows' order is the admission order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import Stack
+from tests.integration.test_private_tap import ENGINE, TINY, tap, tiny  # noqa: F401  (tiny: a fixture)
+from tests.integration.test_tap_billing import account, admin, usage
+
+pytestmark = pytest.mark.integration
+
+CLIENT = "gated"
+ADMISSION = {"max_running": 2, "max_queue": 6}
+PRICE = {"input_per_m": 1_000_000, "output_per_m": 2_000_000}
+LONG = 400  # tokens: a request that keeps its place for a while (the tiny model's context is 512)
+
+
+@pytest.fixture(scope="module")
+def gated(stack: Stack, tiny: Path) -> Iterator[str]:  # noqa: F811
+    done = tap(stack, "create", CLIENT, "--model", str(tiny), "--gpus", "1", "--billing", "credits", *ENGINE,
+               "--set", f"price={json.dumps(PRICE)}", "--set", f"admission={json.dumps(ADMISSION)}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        yield f"{stack.base_url}/private/{CLIENT}/v1"
+    finally:
+        tap(stack, "delete", CLIENT, timeout=300)
+
+
+def tenant(stack: Stack) -> tuple[str, str]:
+    tenant_id = admin(stack, "POST", "/admin/tenants", {"name": f"gated-{time.monotonic_ns() % 10**7}"})["tenant_id"]
+    admin(
+        stack, "POST", f"/admin/tenants/{tenant_id}/grants", {"micro_credits": 50_000_000, "idempotency_key": tenant_id}
+    )
+    return tenant_id, admin(stack, "POST", f"/admin/tenants/{tenant_id}/keys", {"tap": f"private-{CLIENT}"})["key"]
+
+
+async def _send(client: httpx.AsyncClient, url: str, key: str, label: str, tokens: int, **headers: str) -> int:
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": tokens,
+            "ignore_eos": True, "user": label}  # fmt: skip
+    resp = await client.post(
+        url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}", **headers}
+    )
+    return resp.status_code
+
+
+async def _burst(url: str, plan: list[tuple[float, str, str, int, dict[str, str]]]) -> list[int]:
+    """Sends each (delay after the previous, key, label, max_tokens, headers) without waiting for answers."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        tasks = []
+        for delay, key, label, tokens, headers in plan:
+            await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(_send(client, url, key, label, tokens, **headers)))
+        return list(await asyncio.gather(*tasks))
+
+
+def _admitted(stack: Stack, *tenants: str) -> list[str]:
+    """Every request's ``user`` label, in the order the requests were admitted."""
+    rows: list[dict[str, Any]] = []
+    for t in tenants:
+        account(stack, t)  # settled
+        rows += usage(stack, t)["data"]
+    return [r["end_user"] for r in sorted(rows, key=lambda r: r["ts"])]
+
+
+def test_a_light_tenant_goes_ahead_of_a_floods_queue(stack: Stack, gated: str) -> None:
+    (a, key_a), (b, key_b) = tenant(stack), tenant(stack)
+    flood = [(0.0, key_a, f"a{i}", LONG, {}) for i in range(8)]  # 2 run, 6 wait
+    light = [(0.2, key_b, "b0", 8, {}), (0.0, key_b, "b1", 8, {})]
+    assert asyncio.run(_burst(gated, flood + light)) == [200] * 10
+    order = _admitted(stack, a, b)
+    # Fair share: b's requests take turns with a's queued ones (first come first served: 9th and 10th).
+    assert order.index("b0") <= 3 and order.index("b1") <= 5, order
+
+
+def test_interactive_requests_start_before_queued_batch_ones(stack: Stack, gated: str) -> None:
+    t, key = tenant(stack)
+    busy = [(0.0, key, f"run{i}", LONG, {}) for i in range(2)]
+    batch = [(0.1 if i == 0 else 0.0, key, f"batch{i}", 8, {"X-Priority": "batch"}) for i in range(3)]
+    interactive = [(0.1 if i == 0 else 0.0, key, f"chat{i}", 8, {}) for i in range(2)]
+    assert asyncio.run(_burst(gated, busy + batch + interactive)) == [200] * 7
+    order = _admitted(stack, t)
+    assert max(order.index(f"chat{i}") for i in range(2)) < min(order.index(f"batch{i}") for i in range(3)), order
+
+
+def test_past_the_queue_bound_a_429_with_retry_after_and_no_hold_left(stack: Stack, gated: str) -> None:
+    t, key = tenant(stack)
+    statuses = asyncio.run(_burst(gated, [(0.0, key, f"r{i}", LONG, {}) for i in range(14)]))
+    assert statuses.count(429) >= 1 and set(statuses) == {200, 429}, statuses
+    client = openai.OpenAI(base_url=gated, api_key=key, max_retries=0, timeout=300)
+
+    async def flood_and_ask() -> tuple[list[int], BaseException | None]:
+        loop = asyncio.get_running_loop()
+        pending = asyncio.ensure_future(_burst(gated, [(0.0, key, f"s{i}", LONG, {}) for i in range(8)]))
+        await asyncio.sleep(0.2)  # 2 running, 6 waiting: full
+
+        def ask() -> BaseException | None:
+            try:
+                client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+            except openai.RateLimitError as exc:
+                return exc
+            return None
+
+        refused = await loop.run_in_executor(None, ask)
+        return await pending, refused
+
+    _, refused = asyncio.run(flood_and_ask())
+    assert isinstance(refused, openai.RateLimitError), refused
+    assert int(refused.response.headers["retry-after"]) >= 1
+    assert refused.body["code"] == "model_overloaded"  # type: ignore[index]
+    a = account(stack, t)
+    assert a["held_micro_credits"] == 0  # a refused request held nothing; the served ones settled
+    rows = usage(stack, t)["data"]
+    assert len(rows) == statuses.count(200) + 8 and all(r["status"] == "ok" for r in rows)
+
+
+def test_status_shows_each_fronts_queue(stack: Stack, gated: str) -> None:
+    import re
+
+    from tests.integration.conftest import MODEL, cli
+
+    status = cli("--data-dir", str(stack.data_dir), "status", env=stack.client_env, timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert re.search(rf"queue {TINY}: \d+/2 running, \d+ waiting \(by tenant: ", status.stdout), status.stdout
+    assert re.search(rf"queue {MODEL}: \d+/\d+ running", status.stdout), status.stdout  # the public tap's too
