@@ -30,7 +30,7 @@ def tokenizer(model_dir: Path) -> object:
 
 def test_lists_the_default_model(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, "all-minilm-l6-v2"]  # configs/local.yaml's chat and embedding models
     assert client.models.retrieve(MODEL).id == MODEL
 
 
