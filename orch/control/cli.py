@@ -201,27 +201,41 @@ def _with_data_dir(config: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def _materialise_sources(config: dict[str, Any], root: Path) -> None:
-    """Converts the default model here, with a progress bar, instead of silently inside a replica."""
-    from orch.models import DEFAULT_MODEL_NAME, materialise_default_embedding_model, materialise_default_model
+    """Converts the default model (with a progress bar) and unzips the default embedding model here,
+    instead of silently inside a replica; too little disk for either is one line."""
+    from orch.models import (
+        DEFAULT_EMBEDDING_MODEL_NAME,
+        DEFAULT_MODEL_NAME,
+        materialise_default_embedding_model,
+        materialise_default_model,
+    )
 
-    for app in config["applications"]:
-        for model in (app.get("args") or {}).get("models", []):
-            if model.get("source") == "default-embedding":  # an unzip: seconds
-                materialise_default_embedding_model(Path(app["args"]["data_dir"]))
-        for model in (app.get("args") or {}).get("models", []):
-            if model.get("source", "default") in ("default", DEFAULT_MODEL_NAME):
-                where = Path(app["args"]["data_dir"])
-                _check_room_for_the_default_model(where)
-                try:
-                    materialise_default_model(where)
-                except Exception as exc:  # torch/safetensors wrap ENOSPC in errors of their own
-                    if "No space left" not in str(exc) and getattr(exc, "errno", None) != errno.ENOSPC:
-                        raise
-                    raise RuntimeError(_no_room(where, "No space left on device")) from None
-                return
+    sources = [
+        (Path((app.get("args") or {}).get("data_dir") or root), model.get("source", "default"))
+        for app in config["applications"]
+        for model in (app.get("args") or {}).get("models", [])
+    ]
+    for where, source in sources:
+        if source in ("default", DEFAULT_MODEL_NAME):
+            _check_room_for_the_default_model(where)
+            _within_room(where, "convert the default model", materialise_default_model)
+            break
+    for where, source in sources:
+        if source in ("default-embedding", DEFAULT_EMBEDDING_MODEL_NAME):
+            _within_room(where, "unzip the default embedding model", materialise_default_embedding_model)
+            break
 
 
-DEFAULT_MODEL_ROOM = 600 * 2**20  # the converted folder (~260 MB) plus transformers' fp32 copy on the way
+def _within_room(where: Path, what: str, build: Any) -> None:
+    try:
+        build(where)
+    except Exception as exc:  # torch/safetensors/zipfile wrap ENOSPC in errors of their own
+        if "No space left" not in str(exc) and getattr(exc, "errno", None) != errno.ENOSPC:
+            raise
+        raise RuntimeError(_no_room(where, "No space left on device", what)) from None
+
+
+DEFAULT_MODEL_ROOM = 700 * 2**20  # the converted folder (~260 MB), transformers' fp32 copy on the way, MiniLM (~90 MB)
 
 
 def _check_room_for_the_default_model(where: Path) -> None:
@@ -234,10 +248,10 @@ def _check_room_for_the_default_model(where: Path) -> None:
         raise RuntimeError(_no_room(where, "not enough disk space"))
 
 
-def _no_room(where: Path, why: str) -> str:
+def _no_room(where: Path, why: str, what: str = "convert the default model") -> str:
     free = shutil.disk_usage(where).free // 2**20
     return (
-        f"cannot convert the default model into {where / 'models'}: {why} ({free} MiB free there; it needs about "
+        f"cannot {what} into {where / 'models'}: {why} ({free} MiB free there; the models need about "
         f"{DEFAULT_MODEL_ROOM // 2**20} MiB); free some space or pick another --data-dir"
     )
 
