@@ -112,7 +112,7 @@ class AdmissionQueue:
             self.running += 1
             return
         rank = _RANK[priority]
-        self._check_room(rank)
+        self._check_room(rank, tenant)
         seq = next(self._seq)
         if self.settings.fair_share:
             start = max(self._virtual[rank], self._finish.get((rank, tenant), 0.0))
@@ -124,7 +124,7 @@ class AdmissionQueue:
         self._queued[tenant] = self._queued.get(tenant, 0) + 1
         self._by_rank[rank] += 1
         try:
-            await waiter.future
+            await waiter.future  # or RateLimited: pushed out of a full queue for a lighter tenant's request
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
                 self.leave()  # admitted as it was cancelled: give the place on
@@ -175,19 +175,42 @@ class AdmissionQueue:
         rate = self.drain.per_second()
         return None if rate is None else ahead / rate
 
-    def _check_room(self, rank: int) -> None:
-        """Only requests that would start before this one count: a batch backlog never refuses interactive."""
+    def _check_room(self, rank: int, tenant: str) -> None:
+        """Only requests that would start before this one count: a batch backlog never refuses interactive.
+        A full queue makes room by refusing the newest request of the tenant with the most waiting, when
+        that tenant has more waiting than this one's: the flood gets the 429s, not the light tenant."""
         ahead = sum(self._by_rank[: rank + 1])
+        if ahead >= self.settings.max_queue and self._evict_for(tenant, rank):
+            ahead -= 1
         wait = self.predicted_wait_s(ahead + 1)
         if ahead < self.settings.max_queue and (wait is None or wait <= self.settings.max_wait_s):
             return
+        raise self._refusal("the queue is full" if ahead >= self.settings.max_queue else None, wait)
+
+    def _refusal(self, why: str | None, wait: float | None) -> RateLimited:
         retry = max(1, min(600, math.ceil(wait if wait is not None else self.settings.max_wait_s)))
-        why = "the queue is full" if ahead >= self.settings.max_queue else f"the wait would be ~{retry} s"
-        raise RateLimited(
-            f"This model is saturated ({self.running} running, {self.waiting} waiting: {why}). Retry after {retry} s.",
+        return RateLimited(
+            f"This model is saturated ({self.running} running, {self.waiting} waiting: "
+            f"{why or f'the wait would be ~{retry} s'}). Retry after {retry} s.",
             code="model_overloaded",
             retry_after_s=retry,
         )
+
+    def _evict_for(self, tenant: str, rank: int) -> bool:
+        """Refuses the newest waiting request of the heaviest other tenant (of this class or a lower one)."""
+        if not self.settings.fair_share:
+            return False
+        heaviest = max(self.queued().items(), key=lambda item: item[1], default=(tenant, 0))
+        if heaviest[0] == tenant or heaviest[1] <= self._queued.get(tenant, 0) + 1:
+            return False
+        entries = [e for e in self._heap if e[3].tenant == heaviest[0] and e[0] >= rank and not e[3].gone]
+        if not entries:
+            return False
+        victim_rank, _, _, victim = max(entries, key=lambda e: e[2])  # the newest
+        self._forget(victim, victim_rank)
+        wait = self.predicted_wait_s(self.waiting)
+        victim.future.set_exception(self._refusal("the queue is full and this tenant has the most waiting", wait))
+        return True
 
 
 def admission_settings(tap: TapConfig, model: ModelConfig) -> AdmissionSettings:

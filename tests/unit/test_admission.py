@@ -174,3 +174,20 @@ def test_the_drain_rate_forgets_an_idle_spell() -> None:
     assert rate.per_second() is None
     rate.tick()
     assert rate.per_second() is None  # one fresh completion is not a rate yet
+
+
+def test_a_full_queue_refuses_the_flood_not_the_light_tenant() -> None:
+    async def run() -> tuple[list[str], list[object]]:
+        queue = AdmissionQueue(AdmissionSettings(max_running=1, max_queue=3))
+        await queue.enter("x")
+        order: list[str] = []
+        flood = await _queue_up(queue, order, [("a", "interactive")] * 3)  # the queue is full of a's
+        light = await _queue_up(queue, order, [("b", "interactive")])
+        outcome = await asyncio.gather(flood[-1], return_exceptions=True)  # a's newest was pushed out
+        await _drain(queue, [*flood[:2], *light])
+        await asyncio.gather(*flood[:2], *light)
+        return order, outcome
+
+    order, outcome = asyncio.run(run())
+    assert isinstance(outcome[0], RateLimited) and outcome[0].retry_after_s
+    assert sorted(order) == ["a0", "a1", "b0"] and order.index("b0") <= 1
