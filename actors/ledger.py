@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
+from orch.ratelimit import Decision, Limit, Policy, RateWindows
 from orch.renewal import Renewal, Renewed, apply_renewal
 from orch.store import ApiKeyRecord, Batch, Store, UsageReport, UsageRow
 
@@ -70,6 +71,7 @@ class LedgerService:
         self._on_broken = on_broken
         self._broken: str | None = None  # why the service refuses every call, once it is broken
         self._usage_slots = asyncio.Semaphore(self.USAGE_QUERIES)
+        self._rates = RateWindows()  # in memory: a restart forgets the last minute's counts
         self._ledger = Ledger(clock)
         replayed = self._ledger.replay(self._store.load_ops())
         self._ledger.check_invariants()
@@ -176,15 +178,34 @@ class LedgerService:
             out.append({"tenant_id": tenant_id, "name": a.name, "balance_micro_credits": a.balance})
         return out
 
-    def create_key(self, tenant_id: str, tap: str = "public") -> tuple[str, str] | None:
-        """A new key for the tenant: (key_id, raw key), or None for an unknown tenant. The raw key is
-        returned once and never stored."""
+    def create_key(
+        self, tenant_id: str, tap: str = "public", priority: str | None = None, rpm: int | None = None,
+        tpm: int | None = None,
+    ) -> tuple[str, str] | None:  # fmt: skip
+        """A new key for the tenant, with its own priority class and rate limits (None: none): (key_id,
+        raw key), or None for an unknown tenant. The raw key is returned once and never stored."""
         if not self._ledger.has_tenant(tenant_id):
             return None
         key_id, raw = generate_key()
         _, secret = parse_key(raw)
-        self._store.add_key(ApiKeyRecord(key_id, tenant_id, tap, hash_secret(secret), self._clock(), None))
+        policy = Policy(priority=priority, key_rpm=rpm, key_tpm=tpm)
+        self._store.add_key(ApiKeyRecord(key_id, tenant_id, tap, hash_secret(secret), self._clock(), None, policy))
         return key_id, raw
+
+    def patch_tenant(self, tenant_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Sets some of the tenant's ``priority``, ``weight``, ``rpm``, ``tpm`` (None clears one); its
+        whole policy after, or None for an unknown tenant. Gateways see it within their key cache's ttl."""
+        if not self._ledger.has_tenant(tenant_id):
+            return None
+        return self._store.set_tenant_policy(tenant_id, changes, self._clock())
+
+    # ---- rate limits: the windows of this shard's tenants and their keys (orch/ratelimit.py) ----
+
+    def rate_take(self, limits: tuple[Limit, ...], tokens: int, request_id: str) -> Decision:
+        return self._rates.take(limits, tokens, request_id)
+
+    def rate_adjust(self, request_id: str, tokens: int) -> None:
+        self._rates.adjust(request_id, tokens)
 
     def revoke_key(self, key_id: str) -> bool:
         return self._store.revoke_key(key_id, self._clock())
@@ -221,6 +242,7 @@ class LedgerService:
             "balance_micro_credits": account.balance,
             "held_micro_credits": account.held,
             "spent_micro_credits": account.spent,
+            "policy": self._store.tenant_policy(tenant_id),  # what PATCH /admin/tenants/{id} set
             "grants": [
                 {
                     "grant_id": g.grant_id,

@@ -1,5 +1,5 @@
 """Account routes of a tap's gateway: the tenant's own ``GET /v1/account`` and ``GET /v1/usage``, and
-the admin API (Bearer admin key): tenants, keys, grants, accounts, usage, and a tap's keys.
+the admin API (Bearer admin key): tenants and their policies, keys, grants, accounts, usage, and a tap's keys.
 
 Routes map HTTP to ledger calls and results to HTTP; the money rules live in the ledger.
 ``apps/gateway.py`` mounts these handlers next to the OpenAI routes.
@@ -22,7 +22,7 @@ from actors.ledger_client import LedgerClient
 from orch.billing import KeyCache, Principal
 from orch.errors import Conflict, InvalidRequest, NotFound
 from orch.ledger import Code, GrantCredits
-from orch.protocol import CreateKeyBody, CreateTenantBody, GrantBody, parse_body, parse_usage_query
+from orch.protocol import CreateKeyBody, CreateTenantBody, GrantBody, TenantPolicyBody, parse_body, parse_usage_query
 from orch.store import UsageReport, UsageRow
 
 Handler = Callable[..., Awaitable[Response]]
@@ -59,6 +59,7 @@ class AccountAPI:
             ("GET", re.compile(r"/v1/usage"), self.usage, tenant),
             ("POST", re.compile(r"/admin/tenants"), self.create_tenant, admin),
             ("GET", re.compile(r"/admin/tenants"), self.list_tenants, admin),
+            ("PATCH", re.compile(rf"/admin/tenants/{TENANT_ID}"), self.patch_tenant, admin),
             ("POST", re.compile(rf"/admin/tenants/{TENANT_ID}/keys"), self.create_key, admin),
             ("DELETE", re.compile(rf"/admin/keys/{KEY_ID}"), self.revoke_key, admin),
             ("DELETE", re.compile(rf"/admin/taps/{TAP}/keys"), self.revoke_tap_keys, admin),
@@ -112,11 +113,25 @@ class AccountAPI:
     async def create_key(self, request: Request, principal: Principal, tenant_id: str) -> Response:
         body: CreateKeyBody = parse_body(CreateKeyBody, await self._read_body(request))
         tap = body.tap or self._tap
-        created = await self._ledger.tenant_call(tenant_id, "create_key", tenant_id, tap)
+        created = await self._ledger.tenant_call(tenant_id, "create_key", tenant_id, tap, body.priority, body.rpm,
+                                                 body.tpm)  # fmt: skip
         if created is None:
             raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
         key_id, raw = created
-        return JSONResponse({"object": "api_key", "key_id": key_id, "key": raw, "tenant_id": tenant_id, "tap": tap})
+        return JSONResponse({
+            "object": "api_key", "key_id": key_id, "key": raw, "tenant_id": tenant_id, "tap": tap,
+            "priority": body.priority, "rpm": body.rpm, "tpm": body.tpm,
+        })  # fmt: skip
+
+    async def patch_tenant(self, request: Request, principal: Principal, tenant_id: str) -> Response:
+        """Sets the tenant's priority class, fair-share weight and rate limits; gateways see the change
+        within their key cache's ttl."""
+        body: TenantPolicyBody = parse_body(TenantPolicyBody, await self._read_body(request))
+        policy = await self._ledger.tenant_call(tenant_id, "patch_tenant", tenant_id, body.changes())
+        if policy is None:
+            raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
+        self._keys.forget_tenant(tenant_id)  # this replica at once
+        return JSONResponse({"object": "tenant_policy", "tenant_id": tenant_id, **policy})
 
     async def revoke_key(self, request: Request, principal: Principal, key_id: str) -> Response:
         record = await self._ledger.get_key(key_id)

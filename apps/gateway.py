@@ -18,6 +18,7 @@ gets its own status instead of a broken 200 stream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -46,11 +47,13 @@ from orch.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    RateLimited,
 )
 from orch.lease import Leases, LeaseSettings
 from orch.ledger import Price, cost
 from orch.metering import Admission, Meter, Settler
 from orch.protocol import ChatCompletionRequest, CompletionRequest, chat_texts, parse_request
+from orch.ratelimit import Decision, Policy
 from orch.responses import Choice, ChunkWriter, chat_completion, new_id, text_completion
 from orch.tools import merge_fragments
 
@@ -83,6 +86,8 @@ class OpenAIFront:
         self._prices = {m.name: Price(m.price.input_per_m, m.price.output_per_m) for m in tap.models}
         self._tasks = {m.name: m.task for m in tap.models}
         self._queues = {m.name: AdmissionQueue(admission_settings(tap, m)) for m in tap.models if m.task == "generate"}
+        self._tenant_limits = tap.admission.limits
+        self._adjusting: set[asyncio.Task[Any]] = set()  # rate-limit corrections in flight
         self._limits: dict[str, PromptLimits] = {}
         self._created = int(time.time())
         self._ledger = LedgerClient(Path(root), shards=tap.ledger_shards)
@@ -226,16 +231,20 @@ class OpenAIFront:
         **prompt: Any,
     ) -> Response:
         model = self._model(req.model)
-        priority = request_priority(http.headers.get("x-priority"))
+        policy = self._policy(principal)
+        priority = request_priority(http.headers.get("x-priority"), policy.priority)
         limits, bound = await self._prompt_bound(req, model, prompt)
+        completion = req.max_tokens or max(0, limits.max_model_len - bound)
+        rate = await self._take_rate(principal, policy, bound + completion * req.n, request_id)
         queue = self._queues[req.model]
-        await queue.enter(principal.tenant_id, priority)
+        await queue.enter(principal.tenant_id, priority, policy.weight)
         try:
             meter = await self._admit(principal, req, request_id, limits, bound)
         except BaseException:
             queue.leave()
             raise
-        meter.release = queue.leave  # at its settle
+        meter.release = queue.leave if rate is None else self._leave_and_count(queue, meter)  # at its settle
+        meter.headers = rate.headers() if rate is not None else {}
         meter.t0 = http.scope["orch.t0"]
         meter.end_user = req.user
         meter.http_request_id = (http.headers.get("x-request-id") or "")[:200] or None  # Serve sets one if absent
@@ -280,12 +289,14 @@ class OpenAIFront:
         inputs = req.inputs()
         bound = sum(prompt_token_bound(limits, prompt=x) for x in inputs)
         price, request_id = self._prices[req.model], new_id("embd")
+        rate = await self._take_rate(principal, self._policy(principal), bound, request_id)
         if self._billing == "credits":
             why = f"{len(inputs)} input(s) of at most {bound} tokens in all"
             meter = await self._admission.admit(principal, req.model, price, request_id, cost(price, bound, 0), why=why)
         else:
             meter = Meter(principal, req.model, price, request_id, None)
         meter.t0 = request.scope["orch.t0"]
+        meter.headers = rate.headers() if rate is not None else {}
         meter.end_user = req.user
         meter.http_request_id = (request.headers.get("x-request-id") or "")[:200] or None
         try:
@@ -298,6 +309,44 @@ class OpenAIFront:
         await asyncio.shield(self._settle(meter, "ok"))
         body = embedding_response(req.model, embedded, req.encoding_format)
         return JSONResponse(body, headers=overhead_header(meter))
+
+    # ---- rate limits -------------------------------------------------------------------------------
+
+    def _policy(self, principal: Principal) -> Policy:
+        """The key's policy, with the tap config's tenant limits where the admin API set none."""
+        policy = principal.policy
+        configured = self._tenant_limits.get(principal.tenant_id)
+        if configured is not None and policy.tenant_rpm is None and policy.tenant_tpm is None:
+            policy = dataclasses.replace(policy, tenant_rpm=configured.rpm, tenant_tpm=configured.tpm)
+        return policy
+
+    async def _take_rate(self, principal: Principal, policy: Policy, tokens: int, request_id: str) -> Decision | None:
+        """Counts the request in its key's and tenant's windows, in the tenant's ledger shard (exact across
+        replicas); 429 with ``Retry-After`` and ``x-ratelimit-*`` past a limit. No call without limits."""
+        limits = policy.limits(principal.key_id, principal.tenant_id)
+        if not limits:
+            return None
+        decision: Decision = await self._ledger.tenant_call(principal.tenant_id, "rate_take", limits, tokens,
+                                                            request_id)  # fmt: skip
+        if not decision.ok:
+            raise RateLimited(decision.why, code="rate_limit_exceeded", retry_after_s=decision.retry_after_s,
+                              headers=decision.headers())  # fmt: skip
+        return decision
+
+    def _leave_and_count(self, queue: AdmissionQueue, meter: Meter) -> Callable[[], None]:
+        """At the settle: the engine place goes on, and the windows count the tokens the engine counted."""
+
+        def release() -> None:
+            queue.leave()
+            last = meter.last
+            used = last.prompt_tokens + last.completion_tokens if last is not None else 0
+            task = asyncio.ensure_future(
+                self._ledger.tenant_call(meter.principal.tenant_id, "rate_adjust", meter.request_id, used)
+            )
+            self._adjusting.add(task)
+            task.add_done_callback(self._adjusting.discard)
+
+        return release
 
     async def _prompt_limits(self, name: str, model: ModelPort) -> PromptLimits:
         limits = self._limits.get(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from orch.billing import PromptLimits
 from orch.config import ModelConfig
 from orch.embeddings import Embedded, EmbeddingJob
 from orch.engine import Delta, GenerationRequest
+from orch.routing import router_config
 
 log = logging.getLogger("ray.serve")
 
@@ -30,14 +32,22 @@ class ModelHost:
     """The handle methods of a replica hosting one engine (also ``apps/tap_replica.py``'s)."""
 
     _actor: ModelActor
+    RECENT = 256  # request ids this replica remembers having served (stats: which replica took a request)
 
     async def _start_engine(self, config: dict[str, Any], data_dir: str) -> None:
+        self._recent: deque[str] = deque(maxlen=self.RECENT)
         self._actor = ModelActor(ModelConfig.model_validate(config), Path(data_dir))
         await self._actor.start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        self._recent.append(request.request_id)
         async for delta in self._actor.generate(request):
             yield delta
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What Serve passes to the model's router (``apps/router.py``): the engine's outstanding work."""
+        s = self._actor.stats()
+        return {"running": s.running, "waiting": s.waiting}
 
     async def embed(self, job: EmbeddingJob) -> Embedded:
         return await self._actor.embed(job)
@@ -45,10 +55,11 @@ class ModelHost:
     async def abort(self, request_id: str) -> None:
         await self._actor.abort(request_id)
 
-    def stats(self) -> dict[str, Any]:
-        """The engine's counts, and which replica answered (a handle call reaches any of them)."""
+    def stats(self, replica_id: str | None = None) -> dict[str, Any]:
+        """The engine's counts, the request ids this replica served last, and which replica answered (a
+        handle call reaches any of them; with ``routing`` set, ``replica_id`` picks one: ``apps/router.py``)."""
         replica = serve.get_replica_context().replica_id.unique_id
-        return dataclasses.asdict(self._actor.stats()) | {"replica": replica}
+        return dataclasses.asdict(self._actor.stats()) | {"replica": replica, "recent_requests": list(self._recent)}
 
     def limits(self) -> PromptLimits:
         return self._actor.limits()
@@ -89,6 +100,7 @@ def model_options(config: ModelConfig, extra_cpus: float = 0.0) -> dict[str, Any
     options: dict[str, Any] = {"num_cpus": config.num_cpus + extra_cpus}
     if config.num_gpus:
         options["num_gpus"] = config.num_gpus
+    routing = router_config(config.routing)
     return {
         "name": deployment_name(config),
         "ray_actor_options": group.pop("ray_actor_options", options),
@@ -98,6 +110,7 @@ def model_options(config: ModelConfig, extra_cpus: float = 0.0) -> dict[str, Any
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 5,
+        **({"request_router_config": routing} if routing is not None else {}),
     }
 
 

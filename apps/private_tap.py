@@ -33,11 +33,13 @@ def tap_config(spec: TapSpec) -> TapConfig:
         num_cpus=spec.num_cpus,
         autoscaling=spec.autoscaling,
         price=spec.price,
+        routing=spec.routing,
     )
+    colocate = spec.colocate and spec.openai_gateway and spec.routing != "prefix" and spec.gateway_replicas == 1
     return TapConfig(
         tap=spec.app_name(),
         models=[model],
-        gateway=GatewayConfig(colocate=spec.colocate and spec.openai_gateway),
+        gateway=GatewayConfig(colocate=colocate, num_replicas=1 if colocate else spec.gateway_replicas),
         billing=spec.billing,
         admission=spec.admission,
         ledger_shards=spec.ledger_shards or 1,
@@ -50,13 +52,13 @@ def build(args: dict[str, Any]) -> Application:
     spec: TapSpec = load_args(TapSpec, args)
     config = tap_config(spec)
     root = data_dir(config.data_dir)
-    if spec.openai_gateway and spec.colocate:
+    if config.colocated:
         return tap_replica_deployment(config, root)
     model = model_deployment(config.models[0], root)
     if not spec.openai_gateway:
         return model
     return Gateway.options(  # type: ignore[attr-defined]
-        num_replicas=1,
+        num_replicas=config.gateway.num_replicas,
         ray_actor_options={"num_cpus": config.gateway.num_cpus},
         max_ongoing_requests=config.gateway.max_ongoing_requests,
     ).bind({config.models[0].name: model}, config.model_dump(mode="json") | {"data_dir": str(root)})

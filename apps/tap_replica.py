@@ -40,7 +40,7 @@ class TapReplica(ModelHost, OpenAIFront):
         ports |= {name: HandleModel(handle) for name, handle in (others or {}).items()}
         await self._open(ports, config)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, replica_id: str | None = None) -> dict[str, Any]:
         """The engine's counts and the admission queue's (``llama-orch status``)."""
         return ModelHost.stats(self) | {"admission": self.admission_stats()}
 

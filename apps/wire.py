@@ -62,7 +62,7 @@ OVERHEAD_HEADER = "x-orch-overhead-ms"
 
 def overhead_header(meter: Meter) -> dict[str, str]:
     """Every completion says what the tap cost it: time in the gateway and its hops, outside the engine."""
-    return {OVERHEAD_HEADER: f"{meter.overhead_ms():.1f}"}
+    return {OVERHEAD_HEADER: f"{meter.overhead_ms():.1f}", **meter.headers}
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:

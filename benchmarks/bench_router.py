@@ -1,7 +1,7 @@
 """Admission under a flood: a light tenant's TTFT with fair share on vs off, beside the engine-bound TTFT at
 full batch, and the flood's throughput on vs off (what fair share costs).
 
-    .venv/bin/python -m benchmarks.bench_router                 # ~6 min: two stacks, one after the other
+    .venv/bin/python -m benchmarks.bench_router                 # ~12 min: four stacks, one after the other
     .venv/bin/python -m benchmarks.bench_router --light 4       # quicker
 
 Each phase starts llama-orch as users do (``up`` on a copy of ``configs/local.yaml``: the chat model only,
@@ -13,8 +13,12 @@ one replica, its engine batch = ``--batch`` = ``admission.max_running``) and run
    A's tokens per second over the flood are its throughput.
 
 Phase "fair share on" and phase "fair share off" (``admission.fair_share: false``, first come first
-served) differ in nothing else. Prints a table and writes ``benchmarks/results/router.json``.
-Prefix-affinity routing is not built yet, so its comparison is not in this benchmark.
+served) differ in nothing else.
+
+Then prefix affinity (``--prefix-docs``, 0 to skip): the chat model on two replicas behind a gateway
+deployment, ``routing: prefix`` vs Serve's default choice; ``--clients`` clients send prompts that share
+one of ``--prefix-docs`` long documents (a shared-prefix workload: RAG over a few documents, long system
+prompts), and each prompt's TTFT is measured. Prints the tables and writes ``benchmarks/results/router.json``.
 """
 
 from __future__ import annotations
@@ -101,6 +105,77 @@ async def scenario(url: str, key_a: str, key_b: str, streams: int, light: int, t
     }
 
 
+DOC_WORDS = "the harbour master keeps a ledger of every ship that enters at dawn and leaves by night".split()
+
+
+def document(doc: int, words: int) -> str:
+    return f"Document {doc}. " + " ".join(DOC_WORDS[(doc * 7 + i) % len(DOC_WORDS)] for i in range(words))
+
+
+def prefix_config(port: int, routing: str, out: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    args = cfg["applications"][0]["args"]
+    args["models"] = [m for m in args["models"] if m.get("task", "generate") == "generate"][:1]
+    model = args["models"][0]
+    model["routing"] = routing
+    model["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
+    args["gateway"] = {"colocate": False}  # both: the router needs the prompt (see orch/routing.py)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+async def shared_prefix(url: str, key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``--clients`` clients, each sending ``--prefix-rounds`` prompts over random documents."""
+    import random
+
+    rng = random.Random(0)
+    plan = [[rng.randrange(args.prefix_docs) for _ in range(args.prefix_rounds)] for _ in range(args.clients)]
+    ttfts: list[float] = []
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def one(docs: list[int]) -> None:
+            for n, d in enumerate(docs):
+                body = {"model": "smollm2-135m-instruct", "max_tokens": 8, "stream": True,
+                        "messages": [{"role": "system", "content": document(d, args.prefix_words)},
+                                     {"role": "user", "content": f"Question {n}: what is kept?"}]}  # fmt: skip
+                start, first = time.monotonic(), None
+                async with client.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if first is None and line.startswith("data: {"):
+                            first = time.monotonic() - start
+                ttfts.append(first if first is not None else time.monotonic() - start)
+
+        start = time.monotonic()
+        await asyncio.gather(*(one(docs) for docs in plan))
+        elapsed = time.monotonic() - start
+    ms = [t * 1000 for t in ttfts]
+    return {"ttft_ms_p50": round(statistics.median(ms), 1), "ttft_ms_p99": round(percentile(ms, 99), 1),
+            "requests": len(ms), "requests_per_s": round(len(ms) / elapsed, 2)}  # fmt: skip
+
+
+def prefix_phase(routing: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    port, data = free_port(), Path(tempfile.mkdtemp(prefix="orch-router-"))
+    cfg = prefix_config(port, routing, data / "config.yaml")
+    log = log_dir / f"router-prefix-{routing}.log"
+    print(f"[routing {routing}] llama-orch up ({data}) ...", flush=True)
+    try:
+        if orch_cli(data, "up", "--config", str(cfg), log_path=log, timeout_s=900) != 0:
+            return {"error": f"up failed; see {log}"}
+        base = f"http://127.0.0.1:{port}"
+        key = (data / "demo_key").read_text().strip()
+        wait_ready(base + "/v1", 60, api_key=key)
+        url = base + "/v1/chat/completions"
+        warm = argparse.Namespace(**{**vars(args), "prefix_rounds": 1, "clients": 2, "prefix_docs": 1})
+        asyncio.run(shared_prefix(url, key, warm))  # not the documents: compile and warm the engines only
+        return asyncio.run(shared_prefix(url, key, args))
+    finally:
+        orch_cli(data, "down", log_path=log, timeout_s=120)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            stop_group(int(json.loads((data / "cluster.json").read_text())["pid"]))
+
+
 def tenant(base: str, admin_key: str) -> str:
     admin = {"Authorization": f"Bearer {admin_key}"}
     t = httpx.post(base + "/admin/tenants", json={"name": "light"}, headers=admin, timeout=60).json()["tenant_id"]
@@ -138,14 +213,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="engine batch = admission.max_running")
     parser.add_argument("--light", type=int, default=8, help="the light tenant's sequential requests")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per flood request")
+    parser.add_argument("--prefix-docs", type=int, default=8, help="documents of the prefix workload (0: skip it)")
+    parser.add_argument("--prefix-words", type=int, default=600, help="words per document (about one token each)")
+    parser.add_argument("--prefix-rounds", type=int, default=8, help="prompts per client in the prefix workload")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients of the prefix workload")
+    parser.add_argument("--skip-fair", action="store_true", help="only the prefix-affinity phases")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "router.json")
     args = parser.parse_args(argv)
     log_dir = args.out.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    results = {"fair share on": phase("fair share on", True, args, log_dir),
-               "fair share off": phase("fair share off", False, args, log_dir)}  # fmt: skip
+    results: dict[str, Any] = {}
+    if not args.skip_fair:
+        results["fair share on"] = phase("fair share on", True, args, log_dir)
+        results["fair share off"] = phase("fair share off", False, args, log_dir)
+    if args.prefix_docs:
+        results["prefix"] = {routing: prefix_phase(routing, args, log_dir) for routing in ("prefix", "default")}
+        print_prefix(results["prefix"])
+    if not args.skip_fair:
+        print_fair(results)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_prefix(prefix: dict[str, Any]) -> None:
+    print(f"{'routing (2 replicas)':<22}  {'TTFT p50 ms':>12}  {'TTFT p99 ms':>12}  {'req/s':>7}")
+    for routing, r in prefix.items():
+        if "error" in r:
+            print(f"{routing:<22}  {r['error']}")
+            continue
+        print(f"{routing:<22}  {r['ttft_ms_p50']:>12}  {r['ttft_ms_p99']:>12}  {r['requests_per_s']:>7}")
+    if all("error" not in r for r in prefix.values()):
+        prefix["ttft_p50_prefix_vs_default"] = round(
+            prefix["prefix"]["ttft_ms_p50"] / prefix["default"]["ttft_ms_p50"], 3
+        )
+        print(json.dumps({"ttft_p50_prefix_vs_default": prefix["ttft_p50_prefix_vs_default"]}))
+
+
+def print_fair(results: dict[str, Any]) -> None:
     rows = [("", "B TTFT p50 ms", "B TTFT p99 ms", "A tok/s")]
-    for label, r in results.items():
+    for label in ("fair share on", "fair share off"):
+        r = results[label]
         if "error" in r:
             rows.append((label, r["error"], "", ""))
             continue
@@ -164,9 +272,6 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_on_vs_off": round(on["flood"]["a_tokens_per_s"] / off["flood"]["a_tokens_per_s"], 3),
         }
         print(json.dumps(results["ratios"]))
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

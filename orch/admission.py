@@ -106,8 +106,9 @@ class AdmissionQueue:
         """Requests waiting, per tenant."""
         return {t: n for t, n in self._queued.items() if n}
 
-    async def enter(self, tenant: str, priority: Priority = "interactive") -> None:
-        """Returns when the request may run; 429 (:class:`RateLimited`) when it cannot wait."""
+    async def enter(self, tenant: str, priority: Priority = "interactive", weight: float | None = None) -> None:
+        """Returns when the request may run; 429 (:class:`RateLimited`) when it cannot wait. ``weight``:
+        the tenant's fair-share weight from the admin API, else the settings', else 1."""
         if self.running < self.settings.max_running and not self.waiting:
             self.running += 1
             return
@@ -116,7 +117,7 @@ class AdmissionQueue:
         seq = next(self._seq)
         if self.settings.fair_share:
             start = max(self._virtual[rank], self._finish.get((rank, tenant), 0.0))
-            self._finish[(rank, tenant)] = start + 1.0 / self.settings.weights.get(tenant, 1.0)
+            self._finish[(rank, tenant)] = start + 1.0 / (weight or self.settings.weights.get(tenant, 1.0))
         else:
             start = float(seq)
         waiter = _Waiter(tenant, asyncio.get_running_loop().create_future())
@@ -229,15 +230,18 @@ def admission_settings(tap: TapConfig, model: ModelConfig) -> AdmissionSettings:
     return AdmissionSettings(running, a.max_queue, a.max_wait_s, a.fair_share, dict(a.weights))
 
 
-def request_priority(header: str | None) -> Priority:
-    """The ``X-Priority`` header: ``interactive`` (the default) or ``batch``.
+def request_priority(header: str | None, floor: str | None = None) -> Priority:
+    """The ``X-Priority`` header: ``interactive`` (the default) or ``batch``; it may lower the class of
+    the key (``floor``, set at key creation or on its tenant), never raise it.
 
-    >>> request_priority("Batch")
-    'batch'
+    >>> request_priority("Batch"), request_priority(None, "batch"), request_priority("interactive", "batch")
+    ('batch', 'batch', 'batch')
     """
     value = (header or "interactive").strip().lower()
     if value not in _RANK:
         raise InvalidRequest(
             f"Invalid X-Priority header {header!r}: expected 'interactive' or 'batch'.", code="invalid_priority"
         )
+    if floor is not None and _RANK.get(floor, 0) > _RANK[value]:
+        return floor  # type: ignore[return-value]
     return value  # type: ignore[return-value]

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Protocol
 from orch.errors import Forbidden, InvalidRequest, Unauthorized
 from orch.keys import ADMIN_KEY_ID, InvalidKey, is_admin_key, parse_key, verify
 from orch.ledger import Price, cost
+from orch.ratelimit import Policy
 
 KEY_CACHE_TTL_S = 5.0  # a revoked key stops working within this many seconds
 
@@ -115,12 +116,15 @@ class KeyRecord(Protocol):
     def secret_hash(self) -> str: ...
     @property
     def revoked_at(self) -> object: ...
+    @property
+    def policy(self) -> Policy: ...
 
 
 class Principal(NamedTuple):
     tenant_id: str
     key_id: str
     tap: str
+    policy: Policy = Policy()  # priority, weight and rate limits of the key and its tenant
 
     @property
     def is_admin(self) -> bool:
@@ -234,7 +238,7 @@ class KeyCache:
             raise _invalid_key()
         if record.tap != tap:
             raise Forbidden(f"This API key is not valid for the '{tap}' tap.", code="wrong_tap")
-        return Principal(record.tenant_id, record.key_id, record.tap)
+        return Principal(record.tenant_id, record.key_id, record.tap, record.policy)
 
     async def _lookup(self, key_id: str, client: str) -> KeyRecord | None:
         now = self._clock()
@@ -288,6 +292,11 @@ class KeyCache:
         for key_id in gone:
             del self._hits[key_id]
         return len(gone)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """Drops every cached key of the tenant (its policy changed)."""
+        for key_id in [k for k, (_, record) in self._hits.items() if record.tenant_id == tenant_id]:
+            del self._hits[key_id]
 
     def forget(self, key_id: str) -> None:
         """Drops a cached lookup (this replica revoked the key: no need to wait for the ttl)."""

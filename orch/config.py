@@ -154,6 +154,13 @@ class ModelConfig(StrictModel):
         None, ge=1, description="Tokens per streamed chunk after the first (vLLM stream_interval); None = 1."
     )
     price: PriceConfig = Field(default_factory=PriceConfig, description="Price per 1M tokens (credits billing).")
+    routing: Literal["default", "least_loaded", "prefix"] = Field(
+        "default",
+        description="Which replica takes a request (orch/routing.py): default: Serve's power of two choices; "
+        "least_loaded: the fewest requests in flight; prefix: the replica that served the prompt's longest "
+        "prefix (its engine's prefix cache has it) unless it is busier than the others, else the least loaded. "
+        "prefix needs the prompt before the choice, so the tap's front runs as a deployment of its own.",
+    )
 
 
 class GatewayConfig(StrictModel):
@@ -171,6 +178,13 @@ class GatewayConfig(StrictModel):
     )
 
 
+class RateLimitConfig(StrictModel):
+    """Requests and tokens per minute (``orch/ratelimit.py``); None: not limited on that count."""
+
+    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute (prompt and completion).")
+
+
 class AdmissionConfig(StrictModel):
     """How a saturated model admits requests (``orch/admission.py``): a bounded queue, interactive before
     batch, weighted fair share across tenants, 429 with Retry-After past the bound."""
@@ -182,6 +196,11 @@ class AdmissionConfig(StrictModel):
     max_wait_s: float = Field(60.0, gt=0, description="A request whose predicted wait is longer gets 429 at once.")
     fair_share: bool = Field(True, description="Weighted fair share across tenants; false: first come first served.")
     weights: dict[str, float] = Field(default_factory=dict, description="Tenant id -> fair-share weight (default 1).")
+    limits: dict[str, RateLimitConfig] = Field(
+        default_factory=dict,
+        description="Tenant id -> rate limits, counted across all the tap's replicas; the admin API's "
+        "PATCH /admin/tenants/{id} overrides them, and keys may have limits of their own.",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -238,6 +257,11 @@ class TapConfig(StrictModel):
                 "gateway.colocate runs the front inside one generating model's replicas (embedding models are "
                 f"reached by handle); this tap has {len(generating)}: {generating}"
             )
+        if self.gateway.colocate and any(m.routing == "prefix" for m in self.models):
+            raise ValueError(
+                "routing: prefix needs the prompt before a replica is chosen, and Serve's proxy hands an ingress "
+                "replica no body: set gateway.colocate false (or leave it unset)"
+            )
         if self.gateway.colocate and self.gateway.num_replicas != 1:
             raise ValueError(
                 "gateway.num_replicas does not apply with gateway.colocate (the front scales with the model's "
@@ -256,7 +280,8 @@ class TapConfig(StrictModel):
         """
         if self.gateway.colocate is not None:
             return self.gateway.colocate
-        return sum(m.task == "generate" for m in self.models) == 1 and self.gateway.num_replicas == 1
+        generating = [m for m in self.models if m.task == "generate"]
+        return len(generating) == 1 and self.gateway.num_replicas == 1 and generating[0].routing != "prefix"
 
 
 def load_args(model: type[StrictModel], args: dict[str, Any], where: str = "args") -> Any:

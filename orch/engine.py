@@ -81,6 +81,8 @@ class EngineStats:
     waiting: int  # scheduler: queued sequences
     unfinished: int  # requests the engine front end still tracks
     aborted: int  # requests cancelled mid-generation (client gone) and aborted in the engine, since start
+    prefix_queries: int = 0  # prompt tokens looked up in vLLM's prefix cache, since start
+    prefix_hits: int = 0  # of those, tokens found cached (their prefill skipped)
 
 
 class Engine(Protocol):
@@ -355,7 +357,8 @@ class VLLMEngine:
 
     def stats(self) -> EngineStats:
         unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
-        return EngineStats(self._scheduler.running, self._scheduler.waiting, unfinished, self._aborted)
+        s = self._scheduler
+        return EngineStats(s.running, s.waiting, unfinished, self._aborted, s.prefix_queries, s.prefix_hits)
 
     def shutdown(self) -> None:
         self._tokenize.shutdown(wait=False, cancel_futures=True)

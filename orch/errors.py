@@ -89,20 +89,31 @@ class RateLimited(APIError):
     type = "rate_limit_exceeded"
 
     def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: int | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message, param=param, code=code)
         self.retry_after_s = retry_after_s
+        self.extra_headers = headers or {}  # x-ratelimit-* of a rate limit
 
     def headers(self) -> dict[str, str]:
-        return {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        retry = {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        return self.extra_headers | retry
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_rate_limited, (self.message, self.param, self.code, self.retry_after_s))
+        args = (self.message, self.param, self.code, self.retry_after_s, self.extra_headers)
+        return (_rebuild_rate_limited, args)
 
 
-def _rebuild_rate_limited(message: str, param: str | None, code: str | None, retry: int | None) -> RateLimited:
-    return RateLimited(message, param=param, code=code, retry_after_s=retry)
+def _rebuild_rate_limited(
+    message: str, param: str | None, code: str | None, retry: int | None, headers: dict[str, str] | None = None
+) -> RateLimited:
+    return RateLimited(message, param=param, code=code, retry_after_s=retry, headers=headers)
 
 
 class EngineUnavailable(APIError):

@@ -59,6 +59,7 @@ class Meter:
     end_user: str | None = None  # the request's ``user``
     http_request_id: str | None = None  # its X-Request-Id
     release: Callable[[], None] | None = None  # gives its engine place back (orch.admission) when it ends
+    headers: dict[str, str] = field(default_factory=dict)  # more response headers (x-ratelimit-*)
 
     def first_token(self) -> None:
         self.ttft_ms = round((time.monotonic() - self.t0) * 1000)

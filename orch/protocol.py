@@ -322,9 +322,25 @@ class CreateTenantBody(_Body):
 
 
 class CreateKeyBody(_Body):
-    """``POST /admin/tenants/{id}/keys``; ``tap`` defaults to the tap that serves the call."""
+    """``POST /admin/tenants/{id}/keys``; ``tap`` defaults to the tap that serves the call. The key's own
+    priority class (its requests' default; ``X-Priority`` may only lower it) and rate limits."""
 
     tap: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    priority: Literal["interactive", "batch"] | None = None
+    rpm: int | None = Field(None, ge=1, le=10**9, description="Requests per minute of this key.")
+    tpm: int | None = Field(None, ge=1, le=10**12, description="Tokens per minute of this key.")
+
+
+class TenantPolicyBody(_Body):
+    """``PATCH /admin/tenants/{id}``: the fields given are set (null clears one), the others kept."""
+
+    priority: Literal["interactive", "batch"] | None = None
+    weight: float | None = Field(None, gt=0, le=10**6, description="Fair-share weight when a model is saturated.")
+    rpm: int | None = Field(None, ge=1, le=10**9, description="Requests per minute of the tenant, all keys.")
+    tpm: int | None = Field(None, ge=1, le=10**12, description="Tokens per minute of the tenant, all keys.")
+
+    def changes(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.model_fields_set}
 
 
 class GrantBody(_Body):

@@ -40,6 +40,7 @@ from orch.ledger import (
     Result,
     Settle,
 )
+from orch.ratelimit import Policy
 from orch.store_schema import MIGRATIONS, OPS_ARROW, SCHEMA_VERSION, TABLES, USAGE_ARROW, VIEWS
 
 UsageStatus = Literal["ok", "error", "aborted"]  # finished / engine error / client went away
@@ -72,6 +73,10 @@ class ApiKeyRecord(NamedTuple):
     secret_hash: str
     created_at: datetime
     revoked_at: datetime | None = None
+    policy: Policy = Policy()  # the key's priority and limits, and its tenant's policy when read
+
+
+TENANT_POLICY_FIELDS = ("priority", "weight", "rpm", "tpm")
 
 
 @dataclass
@@ -291,10 +296,30 @@ class Store:
     # ---- API keys ----
 
     def add_key(self, key: ApiKeyRecord) -> None:
+        """Stores the key with its own priority and limits (``key.policy``'s key fields)."""
+        p = key.policy
         self._con.execute(
-            "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)",
-            [*key[:4], _naive_utc(key.created_at), key.revoked_at and _naive_utc(key.revoked_at)],
+            "INSERT INTO api_keys (key_id, tenant_id, tap, secret_hash, created_at, revoked_at, priority, rpm, tpm)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [*key[:4], _naive_utc(key.created_at), key.revoked_at and _naive_utc(key.revoked_at),
+             p.priority, p.key_rpm, p.key_tpm],
+        )  # fmt: skip
+
+    def set_tenant_policy(self, tenant_id: str, changes: dict[str, Any], at: datetime) -> dict[str, Any]:
+        """Sets some of a tenant's ``priority``, ``weight``, ``rpm``, ``tpm`` (None clears one); the
+        tenant's whole policy after the change."""
+        policy = self.tenant_policy(tenant_id) | changes
+        self._con.execute(
+            "INSERT OR REPLACE INTO tenant_policies VALUES (?, ?, ?, ?, ?, ?)",
+            [tenant_id, *(policy[f] for f in TENANT_POLICY_FIELDS), _naive_utc(at)],
         )
+        return policy
+
+    def tenant_policy(self, tenant_id: str) -> dict[str, Any]:
+        row = self._con.execute(
+            "SELECT priority, weight, rpm, tpm FROM tenant_policies WHERE tenant_id = ?", [tenant_id]
+        ).fetchone()
+        return dict(zip(TENANT_POLICY_FIELDS, row or (None,) * len(TENANT_POLICY_FIELDS), strict=True))
 
     def revoke_key(self, key_id: str, at: datetime) -> bool:
         """Marks the key revoked at ``at``; False if no such key or already revoked (first time kept)."""
@@ -314,17 +339,24 @@ class Store:
         return len(found)
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
-        rows = self._keys("WHERE key_id = ?", [key_id])
+        rows = self._keys("WHERE k.key_id = ?", [key_id])
         return rows[0] if rows else None
 
     def list_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
-        return self._keys("WHERE tenant_id = ? ORDER BY created_at, key_id", [tenant_id])
+        return self._keys("WHERE k.tenant_id = ? ORDER BY k.created_at, k.key_id", [tenant_id])
 
     def _keys(self, where: str, params: list[Any]) -> list[ApiKeyRecord]:
+        """Keys with their policy: the key's own priority and limits, its tenant's weight, limits and
+        priority (the key's priority first)."""
         rows = self._con.execute(
-            f"SELECT key_id, tenant_id, tap, secret_hash, created_at, revoked_at FROM api_keys {where}", params
+            "SELECT k.key_id, k.tenant_id, k.tap, k.secret_hash, k.created_at, k.revoked_at,"
+            " coalesce(k.priority, t.priority), t.weight, k.rpm, k.tpm, t.rpm, t.tpm"
+            f" FROM api_keys k LEFT JOIN tenant_policies t ON t.tenant_id = k.tenant_id {where}",
+            params,
         ).fetchall()
-        return [ApiKeyRecord(r[0], r[1], r[2], r[3], r[4].replace(tzinfo=UTC), _aware(r[5])) for r in rows]
+        return [
+            ApiKeyRecord(r[0], r[1], r[2], r[3], r[4].replace(tzinfo=UTC), _aware(r[5]), Policy(*r[6:])) for r in rows
+        ]
 
     # ---- usage ----
 

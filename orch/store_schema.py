@@ -1,12 +1,12 @@
 """The DuckDB schema of orch.store (kept apart so store.py stays readable); only orch.store imports it.
 
-Tables: ``ops`` (the ledger's event log), ``api_keys``, ``usage``. Views over ``ops``: ``tenants``,
+Tables: ``ops`` (the ledger's event log), ``api_keys``, ``tenant_policies``, ``usage``. Views over ``ops``: ``tenants``,
 ``grants``, ``debits``, ``holds`` (with their end state). Timestamps are UTC ``TIMESTAMP``s.
 """
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Tables first, then MIGRATIONS (a file of an older version has the tables without the newer columns),
 # then VIEWS, which may read the newer columns.
@@ -36,7 +36,19 @@ CREATE TABLE IF NOT EXISTS api_keys (
     tap         VARCHAR   NOT NULL,
     secret_hash VARCHAR   NOT NULL,    -- orch.keys.hash_secret; the raw key is never stored
     created_at  TIMESTAMP NOT NULL,
-    revoked_at  TIMESTAMP
+    revoked_at  TIMESTAMP,
+    priority    VARCHAR,               -- interactive | batch; NULL: the tenant's, else interactive
+    rpm         INTEGER,               -- requests per minute of this key; NULL: none
+    tpm         INTEGER                -- tokens per minute of this key; NULL: none
+);
+-- What the admin API set for a tenant (PATCH /admin/tenants/{id}); NULL: not set (the tap config's, or none).
+CREATE TABLE IF NOT EXISTS tenant_policies (
+    tenant_id   VARCHAR   PRIMARY KEY,
+    priority    VARCHAR,
+    weight      DOUBLE,
+    rpm         INTEGER,
+    tpm         INTEGER,
+    updated_at  TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS usage (
     request_id        VARCHAR      NOT NULL,
@@ -62,6 +74,9 @@ MIGRATIONS = {
     1: "ALTER TABLE ops ADD COLUMN asked BIGINT; UPDATE schema_version SET version = 2;",
     2: "ALTER TABLE usage ADD COLUMN IF NOT EXISTS end_user VARCHAR; "
     "ALTER TABLE usage ADD COLUMN IF NOT EXISTS http_request_id VARCHAR; UPDATE schema_version SET version = 3;",
+    3: "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS priority VARCHAR; "
+    "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpm INTEGER; "
+    "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS tpm INTEGER; UPDATE schema_version SET version = 4;",
 }
 
 VIEWS = """

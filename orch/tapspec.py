@@ -48,6 +48,12 @@ class TapSpec(StrictModel):
         description="Serve the OpenAI routes inside each model replica (no Ray hop per token); false: a gateway "
         "deployment of its own in front of the model.",
     )
+    routing: Literal["default", "least_loaded", "prefix"] = Field(
+        "default", description="Replica choice (orch/routing.py); prefix runs the front as a deployment of its own."
+    )
+    gateway_replicas: int = Field(
+        1, ge=1, le=64, description="Replicas of the front when it runs apart (colocate false or routing prefix)."
+    )
     billing: Literal["contract", "credits"] = Field(
         "contract", description="'contract': usage is recorded, not charged; 'credits': requests hold and debit."
     )

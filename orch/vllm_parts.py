@@ -107,6 +107,8 @@ class SchedulerCounts:
     def __init__(self) -> None:
         self.running = 0
         self.waiting = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache, summed over steps
+        self.prefix_hits = 0
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -122,6 +124,10 @@ class SchedulerCounts:
                 if scheduler_stats is not None:
                     counts.running = scheduler_stats.num_running_reqs
                     counts.waiting = scheduler_stats.num_waiting_reqs
+                    cache = scheduler_stats.prefix_cache_stats
+                    if cache is not None:
+                        counts.prefix_queries += cache.queries
+                        counts.prefix_hits += cache.hits
 
             def log_engine_initialized(self) -> None:
                 pass

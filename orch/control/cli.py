@@ -3,8 +3,8 @@
 llama-orch up [--config configs/local.yaml]   # Ray head (if none), deploy, wait, print the URL
 llama-orch status
 llama-orch down                               # stop what `up` started
-llama-orch tenants create NAME | tenants list
-llama-orch keys create TENANT_ID | keys revoke KEY_ID
+llama-orch tenants create NAME | tenants list | tenants set TENANT_ID [--priority --weight --rpm --tpm]
+llama-orch keys create TENANT_ID [--priority --rpm --tpm] | keys revoke KEY_ID
 llama-orch credits grant TENANT_ID MICRO_CREDITS
 llama-orch account TENANT_ID | usage TENANT_ID [--since --until --group-by day|model]
 llama-orch tap create CLIENT --model ID --gpus N [--min 1 --max 3] | tap list | tap scale | tap delete

@@ -76,10 +76,19 @@ def add_parsers(sub: Any) -> None:
     create.add_argument("name")
     create.add_argument("--idempotency-key", help="a retry with the same key returns the same tenant")
     tenants.add_parser("list", help="tenants with their balances")
+    ts = tenants.add_parser("set", help="a tenant's priority, fair-share weight and rate limits (PATCH)")
+    ts.add_argument("tenant_id")
+    ts.add_argument("--priority", choices=["interactive", "batch"])
+    ts.add_argument("--weight", type=float, help="fair-share weight when a model is saturated (default 1)")
+    ts.add_argument("--rpm", type=int, help="requests per minute, all the tenant's keys (0: no limit)")
+    ts.add_argument("--tpm", type=int, help="tokens per minute, all the tenant's keys (0: no limit)")
     keys = sub.add_parser("keys", help="create or revoke API keys").add_subparsers(dest="action", required=True)
     kc = keys.add_parser("create", help="a new key for a tenant (printed once)")
     kc.add_argument("tenant_id")
     kc.add_argument("--tap", help="the tap the key is for (default: the tap serving the call)")
+    kc.add_argument("--priority", choices=["interactive", "batch"], help="its requests' class (default: the tenant's)")
+    kc.add_argument("--rpm", type=int, help="requests per minute of this key")
+    kc.add_argument("--tpm", type=int, help="tokens per minute of this key")
     kr = keys.add_parser("revoke", help="revoke a key (refused everywhere within 5 s)")
     kr.add_argument("key_id")
     credits = sub.add_parser("credits", help="grant prepaid credits").add_subparsers(dest="action", required=True)
@@ -94,7 +103,7 @@ def add_parsers(sub: Any) -> None:
     usage.add_argument("--since", help="ISO date or time (UTC), inclusive")
     usage.add_argument("--until", help="ISO date or time (UTC), exclusive")
     usage.add_argument("--group-by", choices=["day", "model", "user"])
-    for p in (create, kc, kr, grant, account, usage, tenants.choices["list"]):
+    for p in (create, ts, kc, kr, grant, account, usage, tenants.choices["list"]):
         p.add_argument("--url", help="the stack's base URL (default: the one `up` recorded)")
         p.add_argument("--json", action="store_true", help="print the API's JSON")
 
@@ -109,11 +118,17 @@ def run(root: Path, args: argparse.Namespace, recorded_base_url: str | None) -> 
         key = args.idempotency_key or f"cli-{uuid.uuid4().hex}"
         out = client.request("POST", "/admin/tenants", {"name": args.name, "idempotency_key": key})
         text = out["tenant_id"]
+    elif args.command == "tenants" and action == "set":
+        body = {f: getattr(args, f) for f in ("priority", "weight", "rpm", "tpm") if getattr(args, f) is not None}
+        body |= {f: None for f in ("rpm", "tpm") if body.get(f) == 0}  # 0: no limit
+        out = client.request("PATCH", f"/admin/tenants/{args.tenant_id}", body)
+        text = ", ".join(f"{f} {out[f]}" for f in ("priority", "weight", "rpm", "tpm"))
     elif args.command == "tenants":
         out = client.request("GET", "/admin/tenants")
         text = "\n".join(f"{t['tenant_id']}  {t['balance_micro_credits']:>15,} µc  {t['name']}" for t in out["data"])
     elif args.command == "keys" and action == "create":
-        out = client.request("POST", f"/admin/tenants/{args.tenant_id}/keys", {"tap": args.tap} if args.tap else {})
+        fields = {f: getattr(args, f) for f in ("tap", "priority", "rpm", "tpm")}
+        out = client.request("POST", f"/admin/tenants/{args.tenant_id}/keys", {k: v for k, v in fields.items() if v})
         text = out["key"]
         print(f"key {out['key_id']} for tenant {out['tenant_id']} on tap {out['tap']}; it is shown only this once",
               file=sys.stderr)  # fmt: skip

@@ -110,16 +110,40 @@ def test_interactive_requests_start_before_queued_batch_ones(stack: Stack, gated
     assert max(order.index(f"chat{i}") for i in range(2)) < min(order.index(f"batch{i}") for i in range(3)), order
 
 
+async def _burst_and_openai(url: str, key: str, n: int) -> tuple[list[Answer], Any]:
+    """A burst of ``n`` long requests, and one from the official client while the queue is still full:
+    (the burst's answers, the client's exception or answer)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+
+    async def late() -> Any:
+        await asyncio.sleep(1.0)  # the burst is in: 2 running, the queue full
+        try:
+            return await client.chat.completions.create(
+                model=TINY, messages=[{"role": "user", "content": "Hi"}], max_tokens=1
+            )
+        except openai.APIError as exc:
+            return exc
+
+    burst, official = await asyncio.gather(_burst(url, [(0.0, key, f"r{i}", LONG, {}) for i in range(n)]), late())
+    return burst, official
+
+
 def test_past_the_queue_bound_a_429_with_retry_after_and_no_hold_left(stack: Stack, gated: str) -> None:
+    import openai
+
     t, key = tenant(stack)
-    answers = asyncio.run(_burst(gated, [(0.0, key, f"r{i}", LONG, {}) for i in range(14)]))
+    answers, official = asyncio.run(_burst_and_openai(gated, key, 14))
     refused = [a for a in answers if a == 429]
     assert refused and set(answers) == {200, 429}, answers  # one tenant: no one else's request to push out
     assert all(a.retry_after >= 1 and "saturated" in a.message for a in refused), answers
+    assert isinstance(official, openai.RateLimitError), official
+    assert int(official.response.headers["retry-after"]) >= 1 and official.code == "model_overloaded"
     a = account(stack, t)
     assert a["held_micro_credits"] == 0  # a refused request held nothing; the served ones settled
     rows = usage(stack, t)["data"]
-    assert len(rows) == answers.count(200) and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == answers.count(200) and all(r["status"] == "ok" for r in rows)  # none for the client's
 
 
 def test_status_shows_each_fronts_queue(stack: Stack, gated: str) -> None:

@@ -24,6 +24,7 @@ from orch.ledger import (
     Result,
     Settle,
 )
+from orch.ratelimit import Policy
 from orch.store import ApiKeyRecord, Batch, Store, UsageRow
 
 T0 = datetime(2025, 6, 30, 23, 59, 58, tzinfo=UTC)
@@ -332,6 +333,9 @@ def test_a_version_1_file_is_migrated_when_the_writer_opens_it(tmp_path: Path) -
     con.execute("ALTER TABLE ops DROP COLUMN asked")
     con.execute("ALTER TABLE usage DROP COLUMN end_user")
     con.execute("ALTER TABLE usage DROP COLUMN http_request_id")
+    for column in ("priority", "rpm", "tpm"):
+        con.execute(f"ALTER TABLE api_keys DROP COLUMN {column}")
+    con.execute("DROP TABLE tenant_policies")
     con.execute("UPDATE schema_version SET version = 1")
     con.close()
     with pytest.raises(RuntimeError, match="schema version 1"):
@@ -339,8 +343,25 @@ def test_a_version_1_file_is_migrated_when_the_writer_opens_it(tmp_path: Path) -
     with Store(path) as store:
         assert [op.op_id for op, _ in store.load_ops()] == ["c-acme", "g-acme"]
         assert store.usage("acme", group_by="user").totals.requests == 0  # the new usage columns are there
+        store.add_key(ApiKeyRecord("k1", "acme", "public", "h1", T0, policy=Policy(priority="batch", key_rpm=5)))
+        store.set_tenant_policy("acme", {"weight": 2.0}, T0)
+        assert store.get_key("k1").policy == Policy(priority="batch", weight=2.0, key_rpm=5)  # and the key's
     with Store(path, read_only=True) as reader:
-        assert reader._one("SELECT max(version) FROM schema_version") == 3
+        assert reader._one("SELECT max(version) FROM schema_version") == 4
+
+
+def test_a_key_reads_with_its_own_limits_and_its_tenants_policy(tmp_path: Path) -> None:
+    with Store(tmp_path / "ledger.duckdb") as store:
+        store.add_key(ApiKeyRecord("k1", "acme", "public", "h1", T0, policy=Policy(key_rpm=10, key_tpm=1000)))
+        store.add_key(ApiKeyRecord("k2", "acme", "public", "h2", T0, policy=Policy(priority="interactive")))
+        assert store.get_key("k1").policy == Policy(key_rpm=10, key_tpm=1000)
+        assert store.set_tenant_policy("acme", {"priority": "batch", "rpm": 60}, T0) == {
+            "priority": "batch", "weight": None, "rpm": 60, "tpm": None
+        }  # fmt: skip
+        assert store.set_tenant_policy("acme", {"weight": 3.0, "rpm": None}, T0)["rpm"] is None  # None clears
+        assert store.get_key("k1").policy == Policy("batch", 3.0, 10, 1000, None, None)  # the tenant's class
+        assert store.get_key("k2").policy.priority == "interactive"  # the key's own class first
+        assert store.tenant_policy("globex") == {"priority": None, "weight": None, "rpm": None, "tpm": None}
 
 
 def test_revoke_tap_keys_revokes_every_live_key_of_that_tap_only(tmp_path: Path) -> None:
