@@ -6,7 +6,8 @@ Serve's probes), else the engine's running + waiting the replica reports (``reco
 router runs in the caller's process (a tap's gateway replica) and sees a request's arguments, so prefix
 affinity needs the prompt to reach the model through a handle: Serve's HTTP proxy hands an ingress replica
 the ASGI scope only, so a tap with ``routing: prefix`` runs its front as a deployment of its own
-(``TapConfig.colocated``). Each gateway replica learns from what it routed.
+(``TapConfig.colocated``). Each gateway replica learns from what it routed; prefix hashes are stable across
+processes, so all of them send a prefix nobody served to the same replica.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ class OrchRouter(RequestRouter):
         target = pending_request.kwargs.get("replica_id") if pending_request is not None else None
         if target:  # a call for one replica by its id (``stats(replica_id=...)``: tests, status)
             return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
-        by_id = {r.replica_id: r for r in candidate_replicas}
-        loads = {r.replica_id: self._load(r) for r in candidate_replicas}
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = {i: self._load(r) for i, r in by_id.items()}
         ranks = self.choice.rank(loads, self._hashes(pending_request))
         return [[by_id[i] for i in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self.choice.served(self._hashes(pending_request), replica_id)
+        self.choice.served(self._hashes(pending_request), replica_id.unique_id)
 
     def _load(self, replica: RunningReplica) -> float:
         queued = self.replica_queue_len_cache.get(replica.replica_id)

@@ -6,13 +6,16 @@ Serve's extension point that runs it, set per model as ``routing``, is ``apps/ro
   load is within ``imbalance`` requests of the least loaded one; its engine has that prefix's KV blocks in
   its prefix cache, so the prompt's prefill is mostly skipped. The prompt (the chat messages and tools, or
   the text) is cut in blocks of ``block_chars`` characters, and each block's hash covers every block before
-  it, as vLLM's block hashes do: the deepest block hash seen names the replica. A prompt nobody served
-  goes to the least loaded replica (ties in random order).
+  it, as vLLM's block hashes do: the deepest block hash seen names the replica. A prompt this router has
+  not seen goes to the replica its first block hashes to (rendezvous hashing over the replicas within the
+  bound). Hashes are stable across processes, so every gateway replica sends a new prefix to the same
+  model replica and learns the same home, without a shared map or a hop.
 
 >>> choice = ReplicaChoice(prefix=True, block_chars=4, imbalance=1)
 >>> hashes = prefix_hashes("abcdefgh-1", 4)
->>> sorted(choice.rank({"r1": 0, "r2": 0}, hashes)[0])   # nobody served it: the least loaded, random order
-['r1', 'r2']
+>>> first = choice.rank({"r1": 0, "r2": 0}, hashes)[0]   # nobody served it: where its first block hashes to
+>>> first == ReplicaChoice(prefix=True, block_chars=4).rank({"r1": 0, "r2": 0}, hashes)[0] and len(first) == 1
+True
 >>> choice.served(hashes, "r2")
 >>> choice.rank({"r1": 0, "r2": 1}, prefix_hashes("abcdefgh-2", 4))   # its prefix's replica, 1 busier
 [['r2'], ['r1']]
@@ -22,13 +25,14 @@ Serve's extension point that runs it, set per model as ``routing``, is ``apps/ro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-R = TypeVar("R", bound=Hashable)
+R = TypeVar("R", bound=str)
 
 
 def prefix_hashes(text: str, block_chars: int, max_blocks: int = 512) -> list[int]:
@@ -38,11 +42,16 @@ def prefix_hashes(text: str, block_chars: int, max_blocks: int = 512) -> list[in
     >>> len(a), a == b, prefix_hashes("y" * 300, 100)[0] == a[0]
     (3, True, False)
     """
-    out, h = [], 0
+    out, h = [], b""
     for start in range(0, min(len(text), block_chars * max_blocks) - block_chars + 1, block_chars):
-        h = hash((h, text[start : start + block_chars]))
-        out.append(h)
+        h = hashlib.blake2b(h + text[start : start + block_chars].encode(), digest_size=8).digest()
+        out.append(int.from_bytes(h, "big"))
     return out
+
+
+def _score(block: int, replica: str) -> bytes:
+    """Rendezvous weight of a replica for a block: the highest wins, the same in every process."""
+    return hashlib.blake2b(f"{block}:{replica}".encode(), digest_size=8).digest()
 
 
 def prompt_text(request: Any) -> str | None:
@@ -72,26 +81,30 @@ class ReplicaChoice:
         self._imbalance = imbalance
         self._max_entries = max_entries
         self._homes: OrderedDict[int, Any] = OrderedDict()  # block hash -> the replica that served it
-        self.affine = 0  # requests ranked first on their prefix's replica
+        self.affine = 0  # requests ranked first on their prefix's replica (served there, or hashed to it)
 
     def hashes(self, request: Any) -> list[int]:
         text = prompt_text(request) if self.prefix else None
         return prefix_hashes(text, self.block_chars) if text else []
 
     def rank(self, loads: Mapping[R, float], hashes: Sequence[int] = ()) -> list[list[R]]:
-        """Ranks of replicas, the most preferred first: the prefix's replica alone when it is within the bound,
-        else the least loaded ones (in random order), then the rest by load."""
+        """Ranks of replicas (by id), the most preferred first: for a prompt, the replica that served its
+        longest prefix, else the one its first block hashes to, alone when within the bound; else the least
+        loaded ones (in random order), then the rest by load."""
         ordered = sorted(loads, key=loads.__getitem__)
         least = loads[ordered[0]]
+        within = [r for r in ordered if loads[r] <= least + self._imbalance]
         home = self._home(hashes)
-        if home is not None and home in loads and loads[home] <= least + self._imbalance:
+        if home is None and hashes:
+            home = max(within, key=lambda r: _score(hashes[0], r))
+        if home is not None and home in within:
             self.affine += 1
             return [[home], [r for r in ordered if r != home]]
         tied = [r for r in ordered if loads[r] == least]
         random.shuffle(tied)
         return [tied, ordered[len(tied) :]] if len(tied) < len(ordered) else [tied]
 
-    def served(self, hashes: Sequence[int], replica: Hashable) -> None:
+    def served(self, hashes: Sequence[int], replica: str) -> None:
         for h in hashes:
             self._homes[h] = replica
             self._homes.move_to_end(h)

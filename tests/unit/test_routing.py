@@ -46,15 +46,18 @@ def _choose(router: OrchRouter, replicas: list[FakeReplica], pending: Any) -> li
     return [[r.replica_id.unique_id for r in rank] for rank in ranks]
 
 
-def test_least_loaded_first_and_a_prompt_follows_its_prefix_within_the_bound() -> None:
+def test_a_prompt_follows_its_prefix_within_the_bound_and_gateways_agree_on_a_new_one() -> None:
     router, replicas = _router(True, {"a": 3, "b": 1, "c": 2})
+    other, _ = _router(True, {"a": 3, "b": 1, "c": 2})  # another gateway replica: it routed nothing yet
     doc = "shared document " * 8
-    assert _choose(router, replicas, _pending(doc + "q1")) == [["b"], ["c", "a"]]  # nobody served it: least loaded
+    first = _choose(router, replicas, _pending(doc + "q1"))
+    assert len(first[0]) == 1 and first == _choose(other, replicas, _pending(doc + "q9"))  # where its block hashes
     router.on_request_routed(_pending(doc + "q1"), FakeReplicaId("a"), None)  # type: ignore[arg-type]
     assert _choose(router, replicas, _pending(doc + "q2")) == [["a"], ["b", "c"]]  # a: 3 <= 1 + 2
     router._replica_queue_len_cache[FakeReplicaId("a")] = 4  # now too busy: the least loaded instead
     assert _choose(router, replicas, _pending(doc + "q3")) == [["b"], ["c", "a"]]
-    assert router.choice.affine == 1
+    assert _choose(router, replicas, _pending("x" * 8)) == [["b"], ["c", "a"]]  # too short to hash: least loaded
+    assert router.choice.affine == 2
 
 
 def test_without_prefix_the_ties_come_first_and_other_calls_are_not_hashed() -> None:
