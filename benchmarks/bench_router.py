@@ -30,6 +30,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,25 +156,40 @@ async def shared_prefix(url: str, key: str, args: argparse.Namespace) -> dict[st
             "requests": len(ms), "requests_per_s": round(len(ms) / elapsed, 2)}  # fmt: skip
 
 
-def prefix_phase(routing: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+class UpFailed(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def stack(label: str, write_config: Callable[[int, Path], Path], log_dir: Path) -> Iterator[tuple[str, Path]]:
+    """A stack of its own, ready: ``up`` on the config ``write_config(port, path)`` writes; ``down`` after.
+    Yields its base URL and data dir (``demo_key``, ``admin_key``)."""
     port, data = free_port(), Path(tempfile.mkdtemp(prefix="orch-router-"))
-    cfg = prefix_config(port, routing, data / "config.yaml")
-    log = log_dir / f"router-prefix-{routing}.log"
-    print(f"[routing {routing}] llama-orch up ({data}) ...", flush=True)
+    cfg = write_config(port, data / "config.yaml")
+    log = log_dir / f"router-{label.replace(' ', '-')}.log"
+    print(f"[{label}] llama-orch up ({data}) ...", flush=True)
     try:
         if orch_cli(data, "up", "--config", str(cfg), log_path=log, timeout_s=900) != 0:
-            return {"error": f"up failed; see {log}"}
+            raise UpFailed(f"up failed; see {log}")
         base = f"http://127.0.0.1:{port}"
-        key = (data / "demo_key").read_text().strip()
-        wait_ready(base + "/v1", 60, api_key=key)
-        url = base + "/v1/chat/completions"
-        warm = argparse.Namespace(**{**vars(args), "prefix_rounds": 1, "clients": 2, "prefix_docs": 1})
-        asyncio.run(shared_prefix(url, key, warm))  # not the documents: compile and warm the engines only
-        return asyncio.run(shared_prefix(url, key, args))
+        wait_ready(base + "/v1", 60, api_key=(data / "demo_key").read_text().strip())
+        yield base, data
     finally:
         orch_cli(data, "down", log_path=log, timeout_s=120)
         with contextlib.suppress(OSError, ValueError, KeyError):
             stop_group(int(json.loads((data / "cluster.json").read_text())["pid"]))
+
+
+def prefix_phase(routing: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    try:
+        with stack(f"routing {routing}", lambda port, out: prefix_config(port, routing, out), log_dir) as (base, data):
+            key = (data / "demo_key").read_text().strip()
+            url = base + "/v1/chat/completions"
+            warm = argparse.Namespace(**{**vars(args), "prefix_rounds": 1, "clients": 2, "prefix_docs": 1})
+            asyncio.run(shared_prefix(url, key, warm))  # not the documents: compile and warm the engines only
+            return asyncio.run(shared_prefix(url, key, args))
+    except UpFailed as exc:
+        return {"error": str(exc)}
 
 
 def tenant(base: str, admin_key: str) -> str:
@@ -186,26 +202,16 @@ def tenant(base: str, admin_key: str) -> str:
 
 
 def phase(label: str, fair: bool, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    port, data = free_port(), Path(tempfile.mkdtemp(prefix="orch-router-"))
-    cfg = config(port, args.batch, fair, data / "config.yaml")
-    log = log_dir / f"router-{label.replace(' ', '-')}.log"
-    print(f"[{label}] llama-orch up ({data}) ...", flush=True)
     try:
-        if orch_cli(data, "up", "--config", str(cfg), log_path=log, timeout_s=900) != 0:
-            return {"error": f"up failed; see {log}"}
-        base = f"http://127.0.0.1:{port}"
-        key_a = (data / "demo_key").read_text().strip()
-        wait_ready(base + "/v1", 60, api_key=key_a)
-        key_a_admin = (data / "admin_key").read_text().strip()
-        key_b = tenant(base, key_a_admin)
-        url = base + "/v1/chat/completions"
-        full = asyncio.run(scenario(url, key_a, key_b, args.batch - 1, args.light, args.tokens))
-        flood = asyncio.run(scenario(url, key_a, key_b, 4 * args.batch, args.light, args.tokens))
-        return {"full_batch": full, "flood": flood}
-    finally:
-        orch_cli(data, "down", log_path=log, timeout_s=120)
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            stop_group(int(json.loads((data / "cluster.json").read_text())["pid"]))
+        with stack(label, lambda port, out: config(port, args.batch, fair, out), log_dir) as (base, data):
+            key_a = (data / "demo_key").read_text().strip()
+            key_b = tenant(base, (data / "admin_key").read_text().strip())
+            url = base + "/v1/chat/completions"
+            full = asyncio.run(scenario(url, key_a, key_b, args.batch - 1, args.light, args.tokens))
+            flood = asyncio.run(scenario(url, key_a, key_b, 4 * args.batch, args.light, args.tokens))
+            return {"full_batch": full, "flood": flood}
+    except UpFailed as exc:
+        return {"error": str(exc)}
 
 
 def main(argv: list[str] | None = None) -> int:
