@@ -26,6 +26,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import OrderedDict, deque
@@ -117,7 +118,7 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # one request's place: compared by identity
 class _Entry:
     at: float
     tokens: int
@@ -186,7 +187,7 @@ class RateWindows:
         if taken is None:
             return
         for entry, window in zip(taken[1], taken[2], strict=True):
-            if entry in window.entries:  # still in the window (a deque scan of recent entries: fine)
+            if window.entries and entry.at >= window.entries[0].at:  # not pruned yet: pruning goes by time
                 window.tokens += tokens - entry.tokens
             entry.tokens = tokens
 
@@ -208,16 +209,12 @@ class RateWindows:
         return None
 
     def _refused(self, checked: list[tuple[Limit, _Window]], now: float, wait: float, why: str) -> Decision:
-        granted = self._granted(checked, now, taken=False)
         retry = max(1, math.ceil(wait))
-        return Decision(
-            False, granted.limit_requests, granted.remaining_requests, granted.reset_requests_s,
-            granted.limit_tokens, granted.remaining_tokens, granted.reset_tokens_s,
-            retry_after_s=retry, why=f"{why}. Please try again in {retry}s.",
-        )  # fmt: skip
+        refused = self._granted(checked, now)
+        return dataclasses.replace(refused, ok=False, retry_after_s=retry, why=f"{why}. Please try again in {retry}s.")
 
     @staticmethod
-    def _granted(checked: list[tuple[Limit, _Window]], now: float, taken: bool = True) -> Decision:
+    def _granted(checked: list[tuple[Limit, _Window]], now: float) -> Decision:
         """The tightest subject's numbers (least left), for the headers; ``reset``: when its oldest counted
         request leaves the window."""
         req: tuple[int, int, float] | None = None
@@ -232,7 +229,7 @@ class RateWindows:
                 if tok is None or left < tok[1]:
                     tok = (lim.tpm, left, window.entries[0].at + WINDOW_S - now if window.entries else 0.0)
         return Decision(
-            taken,
+            True,
             req[0] if req else None, req[1] if req else None, req[2] if req else 0.0,
             tok[0] if tok else None, tok[1] if tok else None, tok[2] if tok else 0.0,
         )  # fmt: skip
