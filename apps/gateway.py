@@ -237,13 +237,18 @@ class OpenAIFront:
         completion = req.max_tokens or max(0, limits.max_model_len - bound)
         rate = await self._take_rate(principal, policy, bound + completion * req.n, request_id)
         queue = self._queues[req.model]
-        await queue.enter(principal.tenant_id, priority, policy.weight)
+        try:
+            await queue.enter(principal.tenant_id, priority, policy.weight)
+        except BaseException:
+            self._count_tokens(principal, rate, request_id, 0)  # refused or gone while queued: it ran nothing
+            raise
         try:
             meter = await self._admit(principal, req, request_id, limits, bound)
         except BaseException:
             queue.leave()
+            self._count_tokens(principal, rate, request_id, 0)
             raise
-        meter.release = queue.leave if rate is None else self._leave_and_count(queue, meter)  # at its settle
+        meter.release = queue.leave if rate is None else self._leave_and_count(queue, meter, rate)  # at its settle
         meter.headers = rate.headers() if rate is not None else {}
         meter.t0 = http.scope["orch.t0"]
         meter.end_user = req.user
@@ -292,7 +297,12 @@ class OpenAIFront:
         rate = await self._take_rate(principal, self._policy(principal), bound, request_id)
         if self._billing == "credits":
             why = f"{len(inputs)} input(s) of at most {bound} tokens in all"
-            meter = await self._admission.admit(principal, req.model, price, request_id, cost(price, bound, 0), why=why)
+            try:
+                meter = await self._admission.admit(principal, req.model, price, request_id, cost(price, bound, 0),
+                                                    why=why)  # fmt: skip
+            except BaseException:
+                self._count_tokens(principal, rate, request_id, 0)
+                raise
         else:
             meter = Meter(principal, req.model, price, request_id, None)
         meter.t0 = request.scope["orch.t0"]
@@ -303,7 +313,9 @@ class OpenAIFront:
             embedded = await model.embed(EmbeddingJob(request_id, inputs, req.dimensions))
         except BaseException as exc:
             self._settle(meter, "aborted" if isinstance(exc, asyncio.CancelledError) else "error")
+            self._count_tokens(principal, rate, request_id, 0)
             raise
+        self._count_tokens(principal, rate, request_id, embedded.prompt_tokens)
         meter.last = Delta("", embedded.prompt_tokens, 0, "stop", embedded.engine_ms)
         meter.first_token()
         await asyncio.shield(self._settle(meter, "ok"))
@@ -333,20 +345,27 @@ class OpenAIFront:
                               headers=decision.headers())  # fmt: skip
         return decision
 
-    def _leave_and_count(self, queue: AdmissionQueue, meter: Meter) -> Callable[[], None]:
+    def _leave_and_count(self, queue: AdmissionQueue, meter: Meter, rate: Decision) -> Callable[[], None]:
         """At the settle: the engine place goes on, and the windows count the tokens the engine counted."""
 
         def release() -> None:
             queue.leave()
             last = meter.last
             used = last.prompt_tokens + last.completion_tokens if last is not None else 0
-            task = asyncio.ensure_future(
-                self._ledger.tenant_call(meter.principal.tenant_id, "rate_adjust", meter.request_id, used)
-            )
-            self._adjusting.add(task)
-            task.add_done_callback(self._adjusting.discard)
+            self._count_tokens(meter.principal, rate, meter.request_id, used)
 
         return release
+
+    def _count_tokens(self, principal: Principal, rate: Decision | None, request_id: str, used: int) -> None:
+        """The windows count ``used`` tokens for a request counted at its bound (``rate``: what
+        :meth:`_take_rate` returned; None: no window counted it). Off the request path. A request refused
+        after it was counted (a full queue, no credit) keeps its place in the request count, as OpenAI's
+        do, and uses no tokens."""
+        if rate is None:
+            return
+        task = asyncio.ensure_future(self._ledger.tenant_call(principal.tenant_id, "rate_adjust", request_id, used))
+        self._adjusting.add(task)
+        task.add_done_callback(self._adjusting.discard)
 
     async def _prompt_limits(self, name: str, model: ModelPort) -> PromptLimits:
         limits = self._limits.get(name)

@@ -10,7 +10,8 @@ one replica, its engine batch = ``--batch`` = ``admission.max_running``) and run
 1. *full batch*: tenant A keeps ``batch - 1`` streams in flight (the engine full, nobody queued) while
    tenant B sends ``--light`` sequential requests: B's TTFT is the engine-bound TTFT at full batch;
 2. *flood*: A keeps ``4 × batch`` streams in flight (a queue of ``3 × batch`` forms) while B sends the same;
-   A's tokens per second over the flood are its throughput.
+   A's tokens per second over a fixed window (``--window``) are its throughput, the same window
+   in every phase, so fair share's cost compares like with like.
 
 Phase "fair share on" and phase "fair share off" (``admission.fair_share: false``, first come first
 served) differ in nothing else.
@@ -72,29 +73,31 @@ async def stream_once(client: httpx.AsyncClient, url: str, key: str, max_tokens:
     return (ttft if ttft is not None else time.monotonic() - start), tokens, time.monotonic() - start
 
 
-async def scenario(url: str, key_a: str, key_b: str, streams: int, light: int, tokens: int) -> dict[str, Any]:
-    """A keeps ``streams`` in flight until B's ``light`` sequential requests are done."""
+async def scenario(url: str, key_a: str, key_b: str, streams: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A keeps ``streams`` in flight while B sends ``args.light`` sequential requests. A's throughput is over
+    a fixed window (``args.window`` s after a 3 s ramp), the same in every phase: each of A's requests
+    counts its tokens spread evenly over its own time, for the part of that time inside the window."""
     stop = asyncio.Event()
-    a_tokens, a_ttft = 0, []
+    a_ttft: list[float] = []
+    spans: list[tuple[float, float, int]] = []  # (start, end, tokens) of A's requests
     limits = httpx.Limits(max_connections=streams + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
         async def flood() -> None:
-            nonlocal a_tokens
             while not stop.is_set():
-                ttft, n, _ = await stream_once(client, url, key_a, tokens)
-                a_tokens += n
+                start = time.monotonic()
+                ttft, n, _ = await stream_once(client, url, key_a, args.tokens)
+                spans.append((start, time.monotonic(), n))
                 a_ttft.append(ttft)
 
         workers = [asyncio.ensure_future(flood()) for _ in range(streams)]
         await asyncio.sleep(3.0)  # the flood is up (and its queue formed)
-        start, tokens_before = time.monotonic(), a_tokens
+        window = (time.monotonic(), time.monotonic() + args.window)
         b_ttft = []
-        for _ in range(light):
+        for _ in range(args.light):
             ttft, _, _ = await stream_once(client, url, key_b, 16)
             b_ttft.append(ttft)
-        elapsed = time.monotonic() - start
-        tokens_then = a_tokens - tokens_before
+        await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
         stop.set()
         await asyncio.gather(*workers, return_exceptions=True)
     ms = [t * 1000 for t in b_ttft]
@@ -102,8 +105,20 @@ async def scenario(url: str, key_a: str, key_b: str, streams: int, light: int, t
         "b_ttft_ms_p50": round(statistics.median(ms), 1),
         "b_ttft_ms_p99": round(percentile(ms, 99), 1),
         "a_ttft_ms_p50": round(statistics.median(a_ttft) * 1000, 1) if a_ttft else None,
-        "a_tokens_per_s": round(tokens_then / elapsed, 1),  # A's requests that ended while B was measured
+        "a_tokens_per_s": round(tokens_within(spans, window) / args.window, 1),
+        "window_s": args.window,
     }
+
+
+def tokens_within(spans: list[tuple[float, float, int]], window: tuple[float, float]) -> float:
+    """Tokens of requests ``(start, end, tokens)`` that fall inside ``window``, each spread evenly over its
+    time.
+
+    >>> tokens_within([(0.0, 10.0, 100), (5.0, 6.0, 10), (20.0, 30.0, 50)], (5.0, 15.0))
+    60.0
+    """
+    lo, hi = window
+    return sum(n * max(0.0, min(e, hi) - max(s, lo)) / (e - s) for s, e, n in spans if e > s)
 
 
 DOC_WORDS = "the harbour master keeps a ledger of every ship that enters at dawn and leaves by night".split()
@@ -207,8 +222,8 @@ def phase(label: str, fair: bool, args: argparse.Namespace, log_dir: Path) -> di
             key_a = (data / "demo_key").read_text().strip()
             key_b = tenant(base, (data / "admin_key").read_text().strip())
             url = base + "/v1/chat/completions"
-            full = asyncio.run(scenario(url, key_a, key_b, args.batch - 1, args.light, args.tokens))
-            flood = asyncio.run(scenario(url, key_a, key_b, 4 * args.batch, args.light, args.tokens))
+            full = asyncio.run(scenario(url, key_a, key_b, args.batch - 1, args))
+            flood = asyncio.run(scenario(url, key_a, key_b, 4 * args.batch, args))
             return {"full_batch": full, "flood": flood}
     except UpFailed as exc:
         return {"error": str(exc)}
@@ -219,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="engine batch = admission.max_running")
     parser.add_argument("--light", type=int, default=8, help="the light tenant's sequential requests")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per flood request")
+    parser.add_argument("--window", type=float, default=30.0, help="seconds over which A's throughput is measured")
     parser.add_argument("--prefix-docs", type=int, default=8, help="documents of the prefix workload (0: skip it)")
     parser.add_argument("--prefix-words", type=int, default=600, help="words per document (about one token each)")
     parser.add_argument("--prefix-rounds", type=int, default=8, help="prompts per client in the prefix workload")

@@ -28,6 +28,7 @@ import heapq
 import itertools
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -58,29 +59,39 @@ class _Waiter:
 
 
 class DrainRate:
-    """Requests finished per second while the engine was saturated, over a sliding window of recent
-    completions; forgotten when stale (an idle hour must not predict a long wait)."""
+    """Requests finished per second while the engine was saturated: the gaps between completions within
+    saturated stretches, over a sliding window of the last ``window``. A gap while the gate was not
+    saturated (:meth:`pause`: an idle minute between two bursts) is no drain time. Forgotten when stale
+    (an idle hour must not predict a long wait)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, window: int = 32, stale_s: float = 10.0) -> None:
         self._clock = clock
-        self._times: list[float] = []
-        self._window = window
+        self._gaps: deque[float] = deque(maxlen=window)
+        self._last: float | None = None  # the last completion of the current saturated stretch
+        self._seen = -math.inf  # the last completion, any stretch
         self._stale_s = stale_s
 
     def tick(self) -> None:
+        """A request finished while the gate was saturated."""
         now = self._clock()
-        if self._times and now - self._times[-1] > self._stale_s:
-            self._times.clear()
-        self._times.append(now)
-        if len(self._times) > self._window:
-            del self._times[0]
+        if now - self._seen > self._stale_s:
+            self._gaps.clear()
+        elif self._last is not None:
+            self._gaps.append(now - self._last)
+        self._last = self._seen = now
+
+    def pause(self) -> None:
+        """A request finished and nothing waits: the saturated stretch ended."""
+        self._last = None
 
     def per_second(self) -> float | None:
-        """None until two recent completions were seen."""
-        if len(self._times) < 2 or self._clock() - self._times[-1] > self._stale_s:
+        """None until a gap within a stretch was seen. The time since the last completion counts while
+        the stretch lasts (a stalled engine drains slower)."""
+        now = self._clock()
+        if not self._gaps or now - self._seen > self._stale_s:
             return None
-        span = max(self._clock(), self._times[-1]) - self._times[0]
-        return (len(self._times) - 1) / span if span > 0 else None
+        span = sum(self._gaps) + (now - self._last if self._last is not None else 0.0)
+        return len(self._gaps) / span if span > 0 else None
 
 
 class AdmissionQueue:
@@ -137,6 +148,8 @@ class AdmissionQueue:
         """A request that entered ended (however): the next one waiting starts."""
         if self.running >= self.settings.max_running or self.waiting:
             self.drain.tick()  # the drain rate is measured while the engine is full
+        else:
+            self.drain.pause()
         self.running -= 1
         while self._heap and self.running < self.settings.max_running:
             rank, start, _, waiter = heapq.heappop(self._heap)

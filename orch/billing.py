@@ -189,7 +189,8 @@ class MissBudget:
 
 class KeyCache:
     """Bearer key → :class:`Principal`, with lookups cached for ``ttl_s``. Revocation is seen within
-    ``ttl_s``; concurrent lookups of one key id share a single fetch.
+    ``ttl_s``; concurrent lookups of one key id share a single fetch; a key used past half its ttl is
+    fetched again in the background, so a busy key never waits for the ledger.
 
     Known keys (hits) and unknown key ids (misses) are kept apart, each a bounded LRU, so a flood of
     random key ids can never evict a good key. A lookup of a key id not known to exist spends the
@@ -244,8 +245,11 @@ class KeyCache:
         now = self._clock()
         hit = self._hits.get(key_id)
         if hit is not None:
-            if now - hit[0] < self._ttl_s:
+            age = now - hit[0]
+            if age < self._ttl_s:
                 self._hits.move_to_end(key_id)
+                if age >= self._ttl_s / 2 and key_id not in self._inflight:
+                    self._refresh_ahead(key_id)
                 return hit[1]
         else:
             missed_at = self._misses.get(key_id)
@@ -260,6 +264,13 @@ class KeyCache:
         if task is None:
             task = self._inflight[key_id] = asyncio.ensure_future(self._fetch_and_keep(key_id))
         return await asyncio.shield(task)
+
+    def _refresh_ahead(self, key_id: str) -> None:
+        """Past half its ttl, a key in use is fetched again in the background: a key in steady use never
+        waits for a ledger call on its request path (a p99 spike every ttl), and its revocation is seen
+        sooner, not later. A failed refresh leaves the entry to expire as usual."""
+        task = self._inflight[key_id] = asyncio.ensure_future(self._fetch_and_keep(key_id))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def _spend(self, client: str, now: float) -> bool:
         bucket = self._buckets.get(client)

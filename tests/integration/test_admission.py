@@ -25,6 +25,7 @@ CLIENT = "gated"
 ADMISSION = {"max_running": 2, "max_queue": 6}
 PRICE = {"input_per_m": 1_000_000, "output_per_m": 2_000_000}
 LONG = 400  # tokens: a request that keeps its place for a while (the tiny model's context is 512)
+TPM = 1_000_000  # the key's tokens per minute in the queue-bound test: never reached, only counted
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +39,14 @@ def gated(stack: Stack, tiny: Path) -> Iterator[str]:  # noqa: F811
         tap(stack, "delete", CLIENT, timeout=300)
 
 
-def tenant(stack: Stack) -> tuple[str, str]:
+def tenant(stack: Stack, **policy: int) -> tuple[str, str]:
+    """A tenant with credit and a key of the gated tap (``policy``: the key's rpm, tpm, ...)."""
     tenant_id = admin(stack, "POST", "/admin/tenants", {"name": f"gated-{time.monotonic_ns() % 10**7}"})["tenant_id"]
     admin(
         stack, "POST", f"/admin/tenants/{tenant_id}/grants", {"micro_credits": 50_000_000, "idempotency_key": tenant_id}
     )
-    return tenant_id, admin(stack, "POST", f"/admin/tenants/{tenant_id}/keys", {"tap": f"private-{CLIENT}"})["key"]
+    key = admin(stack, "POST", f"/admin/tenants/{tenant_id}/keys", {"tap": f"private-{CLIENT}", **policy})
+    return tenant_id, key["key"]
 
 
 class Answer(int):
@@ -133,7 +136,7 @@ async def _burst_and_openai(url: str, key: str, n: int) -> tuple[list[Answer], A
 def test_past_the_queue_bound_a_429_with_retry_after_and_no_hold_left(stack: Stack, gated: str) -> None:
     import openai
 
-    t, key = tenant(stack)
+    t, key = tenant(stack, tpm=TPM)
     answers, official = asyncio.run(_burst_and_openai(gated, key, 14))
     refused = [a for a in answers if a == 429]
     assert refused and set(answers) == {200, 429}, answers  # one tenant: no one else's request to push out
@@ -144,6 +147,16 @@ def test_past_the_queue_bound_a_429_with_retry_after_and_no_hold_left(stack: Sta
     assert a["held_micro_credits"] == 0  # a refused request held nothing; the served ones settled
     rows = usage(stack, t)["data"]
     assert len(rows) == answers.count(200) and all(r["status"] == "ok" for r in rows)  # none for the client's
+
+    # The key's TPM window counted each request at its bound (~400 tokens) when it arrived; a refused one
+    # gave its tokens back, a served one kept what the engine counted. So the window now holds the served
+    # rows' tokens, and one more small request's bound (well under one refused request's 400).
+    served = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    resp = httpx.post(gated + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    remaining = int(resp.headers["x-ratelimit-remaining-tokens"])
+    assert TPM - served - LONG < remaining < TPM - served, (remaining, TPM, served, answers)
 
 
 def test_status_shows_each_fronts_queue(stack: Stack, gated: str) -> None:

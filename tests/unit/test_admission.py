@@ -176,6 +176,22 @@ def test_the_drain_rate_forgets_an_idle_spell() -> None:
     assert rate.per_second() is None  # one fresh completion is not a rate yet
 
 
+def test_the_drain_rate_skips_the_lull_between_two_bursts() -> None:
+    from orch.admission import DrainRate
+
+    clock = Clock()
+    rate = DrainRate(clock, stale_s=10.0)
+    for _ in range(5):  # a burst drains at 4 per second
+        clock.now += 0.25
+        rate.tick()
+    rate.pause()  # the queue emptied
+    clock.now += 8.0  # a lull, shorter than stale
+    rate.tick()  # the next burst's first completion
+    assert rate.per_second() == pytest.approx(4.0)  # not 5 completions over 9 s
+    clock.now += 2.0  # then the engine stalls for 2 s, still saturated: the estimate drops
+    assert rate.per_second() == pytest.approx(4 / 3.0)
+
+
 def test_a_full_queue_refuses_the_flood_not_the_light_tenant() -> None:
     async def run() -> tuple[list[str], list[object]]:
         queue = AdmissionQueue(AdmissionSettings(max_running=1, max_queue=3))

@@ -90,6 +90,26 @@ def test_key_cache_authenticates_caches_and_sees_revocation_after_ttl() -> None:
     asyncio.run(scenario())
 
 
+def test_key_cache_refreshes_a_busy_key_ahead_so_it_never_waits_for_the_ledger() -> None:
+    store = FakeKeyStore()
+    now = [0.0]
+    cache = KeyCache(store.fetch, ADMIN_KEY, ttl_s=5.0, clock=lambda: now[0])
+    raw = store.add("t-1")
+
+    async def scenario() -> None:
+        await cache.authenticate(raw, "public")
+        for t in (1.0, 2.0, 3.0, 4.0, 5.5, 7.0, 8.0, 9.5, 11.0):  # in use every 1-1.5 s, for two ttls
+            now[0] = t
+            before = store.fetches
+            await cache.authenticate(raw, "public")
+            # A call that waited for a lookup shows its fetch on return; a refresh ahead starts later.
+            assert store.fetches == before, t
+            await asyncio.sleep(0.02)  # the background refresh (10 ms) completes
+        assert store.fetches == 5  # the first lookup and a refresh past each half ttl (at 3.0, 5.5, 8.0, 11.0)
+
+    asyncio.run(scenario())
+
+
 def test_key_cache_refuses_bad_keys_and_keys_of_other_taps() -> None:
     store = FakeKeyStore()
     cache = KeyCache(store.fetch, ADMIN_KEY)
