@@ -16,6 +16,7 @@ import gc
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -24,6 +25,7 @@ from typing import Any, Literal
 
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
+from orch.metrics import COMMIT_BUCKETS_S, Histogram, LedgerGauges, UsageMetrics
 from orch.ratelimit import Decision, Limit, Policy, RateWindows
 from orch.renewal import Renewal, Renewed, apply_renewal
 from orch.store import ApiKeyRecord, Batch, Store, UsageReport, UsageRow
@@ -75,6 +77,8 @@ class LedgerService:
         self._ledger = Ledger(clock)
         replayed = self._ledger.replay(self._store.load_ops())
         self._ledger.check_invariants()
+        self._usage_metrics = self._store.usage_metrics()  # then each committed row (orch.metrics)
+        self._commit_seconds = Histogram(COMMIT_BUCKETS_S)
         # Per the ledger benchmark: default GC thresholds halve throughput on long-lived records.
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
@@ -131,6 +135,7 @@ class LedgerService:
                 ops=[(op, r) for op, r, _, _ in items if op is not None and r.code is Code.OK],
                 usage=[u for _, r, rows, _ in items if r.code is Code.OK for u in rows],
             )
+            started = time.perf_counter()
             try:
                 self._store.commit(batch)
             except Exception as exc:
@@ -144,6 +149,9 @@ class LedgerService:
                     return
                 self._ledger = rebuilt
                 continue
+            self._commit_seconds.observe(time.perf_counter() - started)
+            for row in batch.usage:
+                self._usage_metrics.add(row)
             for _, result, _, future in items:
                 if not future.done():
                     future.set_result(result)
@@ -277,6 +285,11 @@ class LedgerService:
                 )
             finally:
                 cursor.close()
+
+    def metrics(self, shard: int) -> tuple[UsageMetrics, LedgerGauges]:
+        """This shard's part of ``/admin/metrics``: the counters of its committed usage rows, its holds."""
+        holds, leases, held = self._ledger.open_holds()
+        return self._usage_metrics, LedgerGauges(shard, holds, leases, held, self._commit_seconds)
 
     def audit(self) -> dict[str, int]:
         self._ledger.check_invariants()

@@ -19,9 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from actors.ledger_client import LedgerClient
+from actors.metrics_hub import metrics_hub
 from orch.billing import KeyCache, Principal
 from orch.errors import Conflict, InvalidRequest, NotFound
 from orch.ledger import Code, GrantCredits
+from orch.metrics import ReplicaReport, UsageMetrics, render
 from orch.protocol import CreateKeyBody, CreateTenantBody, GrantBody, TenantPolicyBody, parse_body, parse_usage_query
 from orch.store import UsageReport, UsageRow
 
@@ -29,6 +31,8 @@ Handler = Callable[..., Awaitable[Response]]
 BodyReader = Callable[[Request], Awaitable[bytes]]
 
 log = logging.getLogger("ray.serve")
+
+HUB_TIMEOUT_S = 5.0  # a scrape waits this long for the replicas' gauges
 
 TENANT_ID, KEY_ID, TAP = r"(t-[0-9a-f]{12})", r"([a-z2-7]{16})", r"([a-z0-9][a-z0-9-]{0,63})"
 
@@ -50,6 +54,7 @@ class AccountAPI:
         self._keys = keys
         self._tap = tap
         self._read_body = read_body
+        self._hub: Any = None  # the metrics hub's handle, once looked up
 
     def routes(self) -> list[tuple[str, re.Pattern[str], Handler, str]]:
         """``(method, path pattern, handler, auth)`` of every route here; auth is "tenant" or "admin"."""
@@ -66,6 +71,7 @@ class AccountAPI:
             ("POST", re.compile(rf"/admin/tenants/{TENANT_ID}/grants"), self.grant, admin),
             ("GET", re.compile(rf"/admin/tenants/{TENANT_ID}/account"), self.admin_account, admin),
             ("GET", re.compile(rf"/admin/tenants/{TENANT_ID}/usage"), self.admin_usage, admin),
+            ("GET", re.compile(r"/admin/metrics"), self.metrics, admin),
         ]
 
     async def _settled(self, tenant_id: str) -> None:
@@ -105,6 +111,24 @@ class AccountAPI:
         if not result.ok:
             raise Conflict(f"Tenant not created: {result.code.value}.", code=result.code.value)
         return JSONResponse({"object": "tenant", "tenant_id": result.tenant_id, "name": body.name})
+
+    async def metrics(self, request: Request, principal: Principal) -> Response:
+        """``GET /admin/metrics``: the whole stack in Prometheus's text format (``orch/metrics.py``): the
+        counters of every ledger shard's committed usage rows, its holds, and every replica's last report
+        to the metrics hub. A hub that does not answer leaves the replica gauges out, not the scrape."""
+        shards = await asyncio.gather(*(self._ledger.call(s, "metrics", s) for s in range(self._ledger.shards)))
+        usage = UsageMetrics()
+        for counted, _ in shards:
+            usage.merge(counted)
+        replicas: list[ReplicaReport] = []
+        try:
+            self._hub = self._hub or metrics_hub()
+            replicas = await asyncio.wait_for(self._hub.reports.remote(), HUB_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the metrics hub did not answer: %s", type(exc).__name__)
+            self._hub = None
+        text = render(usage, [gauges for _, gauges in shards], replicas)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def list_tenants(self, request: Request, principal: Principal) -> Response:
         shards = await asyncio.gather(*(self._ledger.call(s, "tenant_list") for s in range(self._ledger.shards)))

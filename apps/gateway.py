@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from actors.ledger_client import LedgerClient
 from apps.admin_api import AccountAPI
 from apps.model_port import HandleModel, ModelPort, ModelStream
+from apps.reporting import keep_reporting
 from apps.wire import SettlingStream, api_error, error_response, overhead_header, read_body, sse_frames
 from orch.admission import AdmissionQueue, admission_settings, request_priority
 from orch.billing import KeyCache, Principal, PromptLimits, bearer_token, hold_amount, prompt_token_bound
@@ -114,6 +115,7 @@ class OpenAIFront:
             Route("GET", re.compile(r"/health"), self._health, "open"),
             *(Route(*r) for r in AccountAPI(self._ledger, self._keys, self._tap, read_body, self._flush).routes()),
         ]
+        keep_reporting(self)
 
     async def _close(self) -> None:
         """When the replica stops, after in-flight requests finished: settles still pending (a slow or

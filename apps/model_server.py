@@ -19,6 +19,7 @@ from ray.serve.deployment import Application
 
 from actors.gpu_group import GPUGroup
 from actors.model import ModelActor
+from apps.reporting import keep_reporting
 from orch.billing import PromptLimits
 from orch.config import ModelConfig
 from orch.embeddings import Embedded, EmbeddingJob
@@ -38,6 +39,7 @@ class ModelHost:
         self._recent: deque[str] = deque(maxlen=self.RECENT)
         self._actor = ModelActor(ModelConfig.model_validate(config), Path(data_dir))
         await self._actor.start()
+        keep_reporting(self)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         self._recent.append(request.request_id)

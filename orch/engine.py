@@ -83,6 +83,7 @@ class EngineStats:
     aborted: int  # requests cancelled mid-generation (client gone) and aborted in the engine, since start
     prefix_queries: int = 0  # prompt tokens looked up in vLLM's prefix cache, since start
     prefix_hits: int = 0  # of those, tokens found cached (their prefill skipped)
+    kv_cache_usage: float = 0.0  # fraction of the KV cache's blocks in use (vLLM's last step)
 
 
 class Engine(Protocol):
@@ -358,7 +359,9 @@ class VLLMEngine:
     def stats(self) -> EngineStats:
         unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
         s = self._scheduler
-        return EngineStats(s.running, s.waiting, unfinished, self._aborted, s.prefix_queries, s.prefix_hits)
+        return EngineStats(
+            s.running, s.waiting, unfinished, self._aborted, s.prefix_queries, s.prefix_hits, s.kv_cache_usage
+        )
 
     def shutdown(self) -> None:
         self._tokenize.shutdown(wait=False, cancel_futures=True)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from orch.ledger import Settle
+from orch.ledger import LEASE_HOLD_PREFIX, Settle
 from orch.renewal import Renewal, Renewed, fit_usage
 from orch.store import UsageRow
 
@@ -124,7 +124,7 @@ class Leases:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ledger = ledger
-        self._prefix = f"lease-{tap}-{uuid.uuid4().hex[:12]}"  # this replica's: hold ids never collide
+        self._prefix = f"{LEASE_HOLD_PREFIX}{tap}-{uuid.uuid4().hex[:12]}"  # this replica's: hold ids never collide
         self.settings = settings or LeaseSettings()
         self._clock = clock
         self._leases: dict[str, Lease] = {}

@@ -60,6 +60,8 @@ from orch.ledger_state import (
 )
 from orch.pricing import TOKENS_PER_PRICE_UNIT, Price, cost, max_cost
 
+LEASE_HOLD_PREFIX = "lease-"  # the hold ids of credit leases (orch.lease) start with it
+
 __all__ = [  # the records (orch.ledger_ops) and pricing names are re-exported: callers import them from here
     "MAX_HOLD_TIMEOUT_S", "MAX_MICRO_CREDITS", "MICRO", "TOKENS_PER_PRICE_UNIT", "Account", "Code", "CreateTenant",
     "ExpireHolds", "GrantBalance", "GrantCredits", "Hold", "Ledger", "Op", "OpenHold", "Price", "Release", "Result",
@@ -332,6 +334,12 @@ class Ledger:
 
     def tenant_ids(self) -> list[str]:
         return list(self._tenants)
+
+    def open_holds(self) -> tuple[int, int, int]:
+        """(open holds, of which credit leases, micro-credits they reserve): O(open holds)."""
+        holds = [h for t in self._tenants.values() for h in t.open_holds.values()]
+        leases = sum(1 for h in holds if h.hold_id.startswith(LEASE_HOLD_PREFIX))
+        return len(holds), leases, sum(h.micro_credits for h in holds)
 
     def account(self, tenant_id: str, now: datetime | None = None) -> Account:
         """The tenant's balance, open holds and grants at ``now``. Raises KeyError for an unknown tenant."""

@@ -40,6 +40,7 @@ from orch.ledger import (
     Result,
     Settle,
 )
+from orch.metrics import HISTOGRAMS, Histogram, UsageMetrics
 from orch.ratelimit import Policy
 from orch.store_schema import MIGRATIONS, OPS_ARROW, SCHEMA_VERSION, TABLES, USAGE_ARROW, VIEWS
 
@@ -400,6 +401,32 @@ class Store:
         else:
             raise ValueError(f"group_by must be one of {sorted(GROUP_KEYS)} or None, not {group_by!r}")
         return UsageReport(totals, group_by, rows)
+
+    def usage_metrics(self, con: duckdb.DuckDBPyConnection | None = None) -> UsageMetrics:
+        """The counters and histograms of every usage row in the file (:mod:`orch.metrics`), by SQL:
+        what :meth:`UsageMetrics.add` would count row by row, in one scan per histogram."""
+        con = con or self._con
+        metrics = UsageMetrics()
+        for tap, model, status, n, prompt, completion in con.execute(
+            "SELECT tap, model, status::VARCHAR, count(*), sum(prompt_tokens), sum(completion_tokens)"
+            " FROM usage GROUP BY ALL"
+        ).fetchall():
+            metrics.requests[(tap, model, status)] += int(n)
+            metrics.prompt_tokens[(tap, model)] += int(prompt)
+            metrics.completion_tokens[(tap, model)] += int(completion)
+        for tenant, cost in con.execute("SELECT tenant_id, sum(cost_micro) FROM usage GROUP BY ALL").fetchall():
+            metrics.micro_credits[tenant] += int(cost)
+        for name, (bounds, value, which) in HISTOGRAMS.items():
+            bucket = " ".join(f"WHEN v <= {b!r}::DOUBLE THEN {i}" for i, b in enumerate(bounds))
+            found = con.execute(
+                f"SELECT tap, model, CASE {bucket} ELSE {len(bounds)} END AS bucket, count(*), sum(v)"
+                f" FROM (SELECT tap, model, {value} AS v FROM usage WHERE {which}) GROUP BY ALL"
+            ).fetchall()
+            for tap, model, index, n, total in found:
+                histogram = metrics.histograms[name].setdefault((tap, model), Histogram(bounds))
+                histogram.counts[index] += int(n)
+                histogram.sum += float(total)
+        return metrics
 
     def audit(self) -> Audit:
         """Whole-file sums (O(file)): for tests and operators, not for the request path."""

@@ -109,6 +109,7 @@ class SchedulerCounts:
         self.waiting = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache, summed over steps
         self.prefix_hits = 0
+        self.kv_cache_usage = 0.0  # fraction of KV cache blocks in use
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -124,6 +125,7 @@ class SchedulerCounts:
                 if scheduler_stats is not None:
                     counts.running = scheduler_stats.num_running_reqs
                     counts.waiting = scheduler_stats.num_waiting_reqs
+                    counts.kv_cache_usage = float(getattr(scheduler_stats, "kv_cache_usage", 0.0))
                     cache = scheduler_stats.prefix_cache_stats
                     if cache is not None:
                         counts.prefix_queries += cache.queries

@@ -45,6 +45,7 @@ from orch.control.cluster import (
     stop_head,
     up_file,
 )
+from orch.metrics import HUB_NAME, HUB_NAMESPACE, ReplicaReport
 from orch.serve_config import load_serve_config
 from orch.startup import app_start_failure
 
@@ -310,12 +311,13 @@ def cmd_status(root: Path) -> int:
         print("ray/serve CLI env: " + " ".join(f"{k}={v}" for k, v in state.client_env().items()))
         if jobs := job_address(state):
             print(f"ray jobs: {jobs}")
+    reports = _replica_reports()
     for name, app in status.applications.items():
         print(f"app {name}: {_word(app.status)}")
         for dep_name, dep in app.deployments.items():
             replicas = ", ".join(f"{k}={v}" for k, v in dep.replica_states.items())
             print(f"  {dep_name}: {_word(dep.status)} [{replicas}]")
-            for line in _queue_lines(name, dep_name):
+            for line in _replica_lines(reports.get((name, dep_name), [])):
                 print("    " + line)
     record = read_up(root)
     if record:
@@ -323,18 +325,37 @@ def cmd_status(root: Path) -> int:
     return 0
 
 
-def _queue_lines(app: str, deployment: str) -> list[str]:
-    """Admission queues as one replica of a tap front sees them (each replica gates its own engine)."""
-    from ray import serve
+def _replica_reports() -> dict[tuple[str, str], list[ReplicaReport]]:
+    """Each replica's last report to the metrics hub (``orch/metrics.py``), by (app, deployment)."""
+    import ray
 
     try:
-        stats = serve.get_deployment_handle(deployment, app).stats.remote().result(timeout_s=10)
-    except Exception:  # not a front (a model deployment behind a gateway), or not running
-        return []
+        hub = ray.get_actor(HUB_NAME, namespace=HUB_NAMESPACE)
+        reports: list[ReplicaReport] = ray.get(hub.reports.remote(), timeout=10)
+    except Exception:  # no replica reported yet
+        return {}
+    found: dict[tuple[str, str], list[ReplicaReport]] = {}
+    for report in sorted(reports, key=lambda r: r.replica):
+        found.setdefault((report.app, report.deployment), []).append(report)
+    return found
+
+
+def _replica_lines(reports: list[ReplicaReport]) -> list[str]:
+    """Per replica: its engine's batch and KV cache, and its front's admission queues (each gates its own
+    engine)."""
     lines = []
-    for model, q in (stats.get("admission") or {}).items():
-        who = ", ".join(f"{tenant} {n}" for tenant, n in sorted(q["queued"].items())) or "none"
-        lines.append(f"queue {model}: {q['running']}/{q['max']} running, {q['waiting']} waiting (by tenant: {who})")
+    for r in reports:
+        parts = []
+        if r.engine is not None:
+            e = r.engine
+            parts.append(f"engine {e['running']:.0f} running, {e['waiting']:.0f} waiting, "
+                         f"KV cache {e['kv_cache_usage']:.0%}")  # fmt: skip
+        lines.append(f"replica {r.replica}: " + ("; ".join(parts) or "front"))
+        for model, q in sorted(r.queues.items()):
+            who = ", ".join(f"{tenant} {n}" for tenant, n in sorted(q["queued"].items())) or "none"
+            lines.append(
+                f"  queue {model}: {q['running']}/{q['max']} running, {q['waiting']} waiting (by tenant: {who})"
+            )
     return lines
 
 

@@ -162,9 +162,12 @@ def test_past_the_queue_bound_a_429_with_retry_after_and_no_hold_left(stack: Sta
 def test_status_shows_each_fronts_queue(stack: Stack, gated: str) -> None:
     import re
 
-    from tests.integration.conftest import MODEL, cli
+    from tests.integration.conftest import MODEL, TAP_REPLICAS, cli
 
     status = cli("--data-dir", str(stack.data_dir), "status", env=stack.client_env, timeout=120)
     assert status.returncode == 0, status.stderr[-2000:]
     assert re.search(rf"queue {TINY}: \d+/2 running, \d+ waiting \(by tenant: ", status.stdout), status.stdout
     assert re.search(rf"queue {MODEL}: \d+/\d+ running", status.stdout), status.stdout  # the public tap's too
+    # Each replica of the public tap's model (its front inside) shows its engine: every one, not one of them.
+    engines = re.findall(r"replica (\S+): engine \d+ running, \d+ waiting, KV cache \d+%", status.stdout)
+    assert len(set(engines)) >= TAP_REPLICAS + 1, status.stdout  # the public tap's replicas and the gated tap's

@@ -16,6 +16,7 @@ import actors.ledger
 from actors.ledger import LedgerService, LedgerUnavailable, TenantLedgerActor
 from orch.keys import ADMIN_KEY_ENV, load_or_create_admin_key
 from orch.ledger import CreateTenant, GrantCredits, Hold, Op, Result, Settle
+from orch.metrics import UsageMetrics
 from orch.store import Batch, Store, UsageReport, UsageRow
 
 T0 = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
@@ -46,6 +47,9 @@ class FakeFailingStore:
     def commit(self, batch: Batch) -> None:
         self.commits += 1
         raise OSError("cannot write the ledger file")
+
+    def usage_metrics(self) -> UsageMetrics:
+        return UsageMetrics()  # an empty file
 
     def close(self) -> None:
         pass
@@ -90,6 +94,27 @@ def test_a_late_settle_writes_its_usage_row_at_the_cost_actually_debited(tmp_pat
         with pytest.raises(ValueError, match="costs 7"):  # a row that disagrees with its settle is a bug
             await service.apply(Settle("s3", "h2", 8), usage_row("s3", tenant, 7))
         service.close()
+
+    asyncio.run(scenario())
+
+
+def test_metrics_count_committed_rows_and_holds_and_survive_a_restart(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        service = LedgerService(tmp_path / "ledger-0.duckdb", FakeClock())
+        tenant = (await service.create_tenant("acme")).tenant_id
+        await service.apply(GrantCredits("g", tenant, 10_000))
+        await service.apply(Hold("h1", tenant, 600, 60))
+        await service.apply(Settle("s1", "h1", 500), usage_row("s1", tenant, 500))
+        await service.apply(Hold("lease-public-x-1", tenant, 900, 60))  # a credit lease, still open
+        await service.record(usage_row("c1", tenant, 0))  # contract billing: a row, no money
+        usage, gauges = service.metrics(3)
+        assert usage.requests[("public", "m", "ok")] == 2 and usage.micro_credits[tenant] == 500
+        assert (gauges.shard, gauges.open_holds, gauges.open_leases, gauges.held_micro_credits) == (3, 1, 1, 900)
+        assert sum(gauges.commit_seconds.counts) >= 5  # one group commit per awaited call here
+        service.close()
+        restarted = LedgerService(tmp_path / "ledger-0.duckdb", FakeClock())
+        assert restarted.metrics(3)[0] == usage  # seeded from the file: counters never go back
+        restarted.close()
 
     asyncio.run(scenario())
 

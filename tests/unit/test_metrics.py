@@ -1,0 +1,109 @@
+"""orch/metrics.py: the counters from usage rows, their seed from a real store (DuckDB SQL must bucket
+as Python does), the text format, and the Grafana board against what is exported."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from orch.metrics import Histogram, LedgerGauges, ReplicaReport, UsageMetrics, render
+from orch.store import Batch, Store, UsageRow
+
+REPO = Path(__file__).resolve().parents[2]
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def rows() -> list[UsageRow]:
+    """Rows across two taps, two tenants, statuses, a row without a first token, one with one token."""
+    made = []
+    for i in range(40):
+        made.append(
+            UsageRow(
+                f"r{i}",
+                T0 + timedelta(seconds=i),
+                f"t-{i % 2}",
+                None,
+                "public" if i % 3 else "private-acme",
+                "m",
+                10 + i,
+                i % 7,
+                100 * i,
+                None if i % 11 == 0 else 5 * i,
+                40 * i + 50,
+                "ok" if i % 5 else "aborted",
+                "stop",
+            )  # fmt: skip
+        )
+    return made
+
+
+def assert_same(got: UsageMetrics, want: UsageMetrics) -> None:
+    """Equal counts, and histogram sums equal up to float rounding (sums added in another order)."""
+    assert got.requests == want.requests and got.micro_credits == want.micro_credits
+    assert got.prompt_tokens == want.prompt_tokens and got.completion_tokens == want.completion_tokens
+    for name, by_where in want.histograms.items():
+        assert set(got.histograms[name]) == set(by_where), name
+        for where, h in by_where.items():
+            mine = got.histograms[name][where]
+            assert mine.counts == h.counts and abs(mine.sum - h.sum) < 1e-9, (name, where, mine, h)
+
+
+def added(made: list[UsageRow]) -> UsageMetrics:
+    metrics = UsageMetrics()
+    for row in made:
+        metrics.add(row)
+    return metrics
+
+
+def test_a_stores_seed_equals_the_rows_added_one_by_one(tmp_path: Path) -> None:
+    store = Store(tmp_path / "ledger.duckdb")
+    store.commit(Batch(ops=[], usage=rows()))
+    assert_same(store.usage_metrics(), added(rows()))
+    store.close()
+
+
+def test_shards_merge_into_one_count() -> None:
+    odd, even = added(rows()[1::2]), added(rows()[::2])
+    odd.merge(even)
+    assert_same(odd, added(rows()))
+
+
+def test_the_text_format_has_cumulative_buckets_and_escaped_labels() -> None:
+    usage = UsageMetrics()
+    for row in rows():
+        usage.add(row._replace(model='we"ird\\model'))
+    commits = Histogram((0.001, 0.01))
+    commits.observe(0.0005)
+    commits.observe(0.5)
+    text = render(usage, [LedgerGauges(0, 3, 1, 700, commits)], [
+        ReplicaReport("public", "model-m", "abc", "m", {"running": 2, "waiting": 1, "kv_cache_usage": 0.25}),
+    ])  # fmt: skip
+    assert 'model="we\\"ird\\\\model"' in text
+    assert 'llama_orch_ledger_commit_seconds_bucket{shard="0",le="0.001"} 1.0' in text
+    assert 'llama_orch_ledger_commit_seconds_bucket{shard="0",le="+Inf"} 2.0' in text
+    assert 'llama_orch_ledger_commit_seconds_count{shard="0"} 2.0' in text
+    assert 'llama_orch_engine_kv_cache_usage_ratio{app="public",model="m",replica="abc"} 0.25' in text
+    assert 'llama_orch_open_holds{shard="0"} 3.0' in text
+    counts = [
+        float(v) for v in re.findall(r'llama_orch_time_to_first_token_seconds_bucket\{tap="public".*\} (\S+)', text)
+    ]
+    assert counts == sorted(counts) and counts[-1] == sum(
+        1 for r in rows() if r.tap == "public" and r.ttft_ms is not None
+    )
+
+
+def test_the_grafana_board_asks_only_for_exported_metrics() -> None:
+    board = json.loads((REPO / "configs" / "grafana-llama-orch.json").read_text())
+    usage = UsageMetrics()
+    for row in rows():
+        usage.add(row)
+    text = render(usage, [LedgerGauges(0, 0, 0, 0, Histogram((1.0,)))], [
+        ReplicaReport("public", "model-m", "abc", "m", {"running": 0, "waiting": 0, "kv_cache_usage": 0.0},
+                      {"m": {"running": 0, "waiting": 0, "queued": {"t-0": 1}}}),
+    ])  # fmt: skip
+    exported = set(re.findall(r"^(llama_orch_\w+?)(?:\{| )", text, re.M))
+    asked = {name for p in board["panels"] for t in p["targets"] for name in re.findall(r"llama_orch_\w+", t["expr"])}
+    assert asked and asked <= exported, asked - exported
+    assert board["__inputs"][0]["pluginId"] == "prometheus"  # importable as is: Grafana asks for the data source
