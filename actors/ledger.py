@@ -21,11 +21,14 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+import pyarrow as pa
 
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
 from orch.metrics import COMMIT_BUCKETS_S, Histogram, LedgerGauges, UsageMetrics
+from orch.protocol import GroupBy
 from orch.ratelimit import Decision, Limit, Policy, RateWindows
 from orch.renewal import Renewal, Renewed, apply_renewal
 from orch.store import ApiKeyRecord, Batch, Store, UsageReport, UsageRow
@@ -269,20 +272,25 @@ class LedgerService:
         }
 
     async def usage(self, tenant_id: str | None, since: datetime | None, until: datetime | None,
-                    group_by: Literal["day", "model"] | None) -> UsageReport:  # fmt: skip
-        """The usage report, computed in a worker thread on a DuckDB cursor of its own: a scan of a large
-        usage table never holds up the loop that applies and commits holds and settles."""
+                    group_by: GroupBy | None) -> UsageReport:  # fmt: skip
+        """The usage report (``tenant_id`` None: every tenant of this shard)."""
+        report: UsageReport = await self._read(
+            self._store.usage, tenant_id, since=since, until=until, group_by=group_by
+        )
+        return report
+
+    async def usage_table(self, tenant_id: str | None, since: datetime | None, until: datetime | None) -> pa.Table:
+        """Every usage row in ``[since, until)`` as Arrow (``orch.store.Store.usage_table``), for the export."""
+        table: pa.Table = await self._read(self._store.usage_table, tenant_id, since=since, until=until)
+        return table
+
+    async def _read(self, query: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A store read in a worker thread on a DuckDB cursor of its own: a scan of a large usage table
+        never holds up the loop that applies and commits holds and settles."""
         async with self._usage_slots:
             cursor = self._store.cursor()
             try:
-                return await asyncio.to_thread(
-                    self._store.usage,
-                    tenant_id,
-                    since=since,
-                    until=until,
-                    group_by=group_by,
-                    con=cursor,
-                )
+                return await asyncio.to_thread(query, *args, **kwargs, con=cursor)
             finally:
                 cursor.close()
 

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -25,7 +27,8 @@ from orch.errors import Conflict, InvalidRequest, NotFound
 from orch.ledger import Code, GrantCredits
 from orch.metrics import ReplicaReport, UsageMetrics, render
 from orch.protocol import CreateKeyBody, CreateTenantBody, GrantBody, TenantPolicyBody, parse_body, parse_usage_query
-from orch.store import UsageReport, UsageRow
+from orch.store import UsageReport, UsageRow, merge_reports
+from orch.store_schema import USAGE_EXPORT_ARROW
 
 Handler = Callable[..., Awaitable[Response]]
 BodyReader = Callable[[Request], Awaitable[bytes]]
@@ -72,6 +75,8 @@ class AccountAPI:
             ("GET", re.compile(rf"/admin/tenants/{TENANT_ID}/account"), self.admin_account, admin),
             ("GET", re.compile(rf"/admin/tenants/{TENANT_ID}/usage"), self.admin_usage, admin),
             ("GET", re.compile(r"/admin/metrics"), self.metrics, admin),
+            ("GET", re.compile(r"/admin/usage"), self.all_usage, admin),
+            ("GET", re.compile(r"/admin/usage/export"), self.export_usage, admin),
         ]
 
     async def _settled(self, tenant_id: str) -> None:
@@ -129,6 +134,35 @@ class AccountAPI:
             self._hub = None
         text = render(usage, [gauges for _, gauges in shards], replicas)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def all_usage(self, request: Request, principal: Principal) -> Response:
+        """``GET /admin/usage``: the report across every tenant (``group_by`` day, model, user or tenant)."""
+        since, until, group_by = parse_usage_query(dict(request.query_params))
+        reports = await asyncio.gather(
+            *(self._ledger.call(s, "usage", None, since, until, group_by) for s in range(self._ledger.shards))
+        )
+        return JSONResponse(usage_json(merge_reports(reports), None, since, until))
+
+    async def export_usage(self, request: Request, principal: Principal) -> Response:
+        """``GET /admin/usage/export?since&until&tenant``: every usage row as one Parquet file (zstd), in
+        :data:`~orch.store_schema.USAGE_EXPORT_ARROW`; ``x-row-count`` says how many rows it holds."""
+        params = dict(request.query_params)
+        tenant = params.pop("tenant", None) or None
+        since, until, group_by = parse_usage_query(params)
+        if group_by is not None:
+            raise InvalidRequest("The export holds every row; group_by is for reports.", param="group_by")
+        if tenant is not None:
+            if not re.fullmatch(TENANT_ID, tenant):
+                raise NotFound(f"No tenant '{tenant[:40]}'.", code="tenant_not_found")
+            await self._settled(tenant)
+            tables = [await self._ledger.tenant_call(tenant, "usage_table", tenant, since, until)]
+        else:
+            tables = await asyncio.gather(
+                *(self._ledger.call(s, "usage_table", None, since, until) for s in range(self._ledger.shards))
+            )
+        data, rows = await asyncio.to_thread(parquet_bytes, tables)
+        headers = {"content-disposition": 'attachment; filename="usage.parquet"', "x-row-count": str(rows)}
+        return Response(data, media_type="application/vnd.apache.parquet", headers=headers)
 
     async def list_tenants(self, request: Request, principal: Principal) -> Response:
         shards = await asyncio.gather(*(self._ledger.call(s, "tenant_list") for s in range(self._ledger.shards)))
@@ -197,7 +231,19 @@ class AccountAPI:
         return await self._usage_of(request, tenant_id)
 
 
-def usage_json(report: UsageReport, tenant_id: str, since: datetime | None, until: datetime | None) -> dict[str, Any]:
+def parquet_bytes(tables: list[pa.Table]) -> tuple[bytes, int]:
+    """One Parquet file (zstd) of the shards' tables, in time order, and its row count."""
+    table = pa.concat_tables(tables) if tables else USAGE_EXPORT_ARROW.empty_table()
+    if len(tables) > 1:
+        table = table.sort_by([("ts", "ascending"), ("request_id", "ascending")])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes(), table.num_rows
+
+
+def usage_json(
+    report: UsageReport, tenant_id: str | None, since: datetime | None, until: datetime | None
+) -> dict[str, Any]:
     t = report.totals
     rows: list[dict[str, Any]] = []
     for r in report.rows:

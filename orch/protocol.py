@@ -359,7 +359,7 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
         raise validation_error(exc) from None
 
 
-GroupBy = Literal["day", "model", "user"]
+GroupBy = Literal["day", "model", "user", "tenant"]
 
 
 def parse_usage_query(params: dict[str, str]) -> tuple[datetime | None, datetime | None, GroupBy | None]:
@@ -388,8 +388,8 @@ def parse_usage_query(params: dict[str, str]) -> tuple[datetime | None, datetime
             ) from None
         times.append(at)
     group_by = params.get("group_by") or None
-    if group_by not in (None, "day", "model", "user"):
+    if group_by not in (None, "day", "model", "user", "tenant"):
         raise InvalidRequest(
-            "Invalid 'group_by': expected 'day', 'model' or 'user'.", param="group_by", code="invalid_value"
+            "Invalid 'group_by': expected 'day', 'model', 'user' or 'tenant'.", param="group_by", code="invalid_value"
         )
     return times[0], times[1], group_by  # type: ignore[return-value]

@@ -41,8 +41,9 @@ from orch.ledger import (
     Settle,
 )
 from orch.metrics import HISTOGRAMS, Histogram, UsageMetrics
+from orch.protocol import GroupBy
 from orch.ratelimit import Policy
-from orch.store_schema import MIGRATIONS, OPS_ARROW, SCHEMA_VERSION, TABLES, USAGE_ARROW, VIEWS
+from orch.store_schema import MIGRATIONS, OPS_ARROW, SCHEMA_VERSION, TABLES, USAGE_ARROW, USAGE_EXPORT_ARROW, VIEWS
 
 UsageStatus = Literal["ok", "error", "aborted"]  # finished / engine error / client went away
 
@@ -103,7 +104,7 @@ class UsageTotals:
 
 @dataclass(frozen=True, slots=True)
 class UsageGroup:
-    key: str  # ISO day (group_by='day'), model name ('model') or end user ('user'; '' for requests without)
+    key: str  # ISO day (group_by='day'), model name ('model'), end user ('user'; '' for none) or tenant id
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -113,11 +114,41 @@ class UsageGroup:
 @dataclass(frozen=True, slots=True)
 class UsageReport:
     totals: UsageTotals
-    group_by: Literal["day", "model", "user"] | None
+    group_by: GroupBy | None
     rows: tuple[UsageGroup, ...] | tuple[UsageRow, ...]  # groups, or requests when group_by is None
 
 
-GROUP_KEYS = {"day": "strftime(ts, '%Y-%m-%d')", "model": "model", "user": "coalesce(end_user, '')"}
+SUMS = ("requests", "prompt_tokens", "completion_tokens", "cost_micro")  # what a report adds up
+
+
+def merge_reports(reports: Sequence[UsageReport], limit: int = 1000) -> UsageReport:
+    """One report from the reports of several ledger shards over the same filter: totals and groups add
+    up; rows are the latest ``limit`` of all, in time order.
+
+    >>> a = UsageReport(UsageTotals(1, 10, 5, 70), "model", (UsageGroup("m", 1, 10, 5, 70),))
+    >>> groups = (UsageGroup("m", 1, 5, 1, 20), UsageGroup("n", 1, 15, 5, 70))
+    >>> b = UsageReport(UsageTotals(2, 20, 6, 90), "model", groups)
+    >>> merged = merge_reports([a, b])
+    >>> merged.totals, [(g.key, g.requests, g.cost_micro) for g in merged.rows]
+    (UsageTotals(requests=3, prompt_tokens=30, completion_tokens=11, cost_micro=160), [('m', 2, 90), ('n', 1, 70)])
+    """
+    totals = UsageTotals(*(sum(getattr(r.totals, f) for r in reports) for f in SUMS))
+    group_by = reports[0].group_by if reports else None
+    if group_by is None:
+        rows = sorted((row for r in reports for row in r.rows), key=lambda row: row.ts)[-limit:]  # type: ignore[union-attr]
+        return UsageReport(totals, None, tuple(rows))  # type: ignore[arg-type]
+    groups: dict[str, list[int]] = {}
+    for r in reports:
+        for g in r.rows:
+            sums = groups.setdefault(g.key, [0, 0, 0, 0])  # type: ignore[union-attr]
+            for i, f in enumerate(SUMS):
+                sums[i] += getattr(g, f)
+    return UsageReport(totals, group_by, tuple(UsageGroup(k, *v) for k, v in sorted(groups.items())))
+
+
+GROUP_KEYS = {
+    "day": "strftime(ts, '%Y-%m-%d')", "model": "model", "user": "coalesce(end_user, '')", "tenant": "tenant_id"
+}  # fmt: skip
 
 
 class Audit(NamedTuple):
@@ -374,12 +405,7 @@ class Store:
         per model, per end user, or the latest ``limit`` requests (in time order) when ``group_by`` is None.
         ``con``: a :meth:`cursor` to run on, from another thread than the committing one."""
         con = con or self._con
-        where, params = ["TRUE"], []
-        for sql, value in (("tenant_id = ?", tenant_id), ("ts >= ?", since), ("ts < ?", until)):
-            if value is not None:
-                where.append(sql)
-                params.append(_naive_utc(value) if isinstance(value, datetime) else value)
-        cond = " AND ".join(where)
+        cond, params = _usage_filter(tenant_id, since, until)
         sums = "count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)"
         sums += ", coalesce(sum(cost_micro), 0)"
         totals = UsageTotals(
@@ -401,6 +427,22 @@ class Store:
         else:
             raise ValueError(f"group_by must be one of {sorted(GROUP_KEYS)} or None, not {group_by!r}")
         return UsageReport(totals, group_by, rows)
+
+    def usage_table(
+        self,
+        tenant_id: str | None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        con: duckdb.DuckDBPyConnection | None = None,
+    ) -> pa.Table:
+        """Every usage row in ``[since, until)`` of one tenant (None: all), in time order, as an Arrow table
+        of :data:`~orch.store_schema.USAGE_EXPORT_ARROW` (the export's documented schema)."""
+        con = con or self._con
+        cond, params = _usage_filter(tenant_id, since, until)
+        columns = ", ".join(f"{c}::VARCHAR AS {c}" if c == "status" else c for c in UsageRow._fields)
+        sql = f"SELECT {columns} FROM usage WHERE {cond} ORDER BY ts, request_id"
+        table: pa.Table = con.sql(sql, params=params).to_arrow_table()
+        return table.cast(USAGE_EXPORT_ARROW)
 
     def usage_metrics(self, con: duckdb.DuckDBPyConnection | None = None) -> UsageMetrics:
         """The counters and histograms of every usage row in the file (:mod:`orch.metrics`), by SQL:
@@ -437,3 +479,13 @@ class Store:
             " (SELECT count(*) FROM usage), (SELECT coalesce(sum(cost_micro), 0) FROM usage)"
         )
         return Audit(*(int(v) for v in row))
+
+
+def _usage_filter(tenant_id: str | None, since: datetime | None, until: datetime | None) -> tuple[str, list[Any]]:
+    """The WHERE clause and its parameters of a usage query: one tenant (None: all), ``[since, until)``."""
+    where, params = ["TRUE"], []
+    for sql, value in (("tenant_id = ?", tenant_id), ("ts >= ?", since), ("ts < ?", until)):
+        if value is not None:
+            where.append(sql)
+            params.append(_naive_utc(value) if isinstance(value, datetime) else value)
+    return " AND ".join(where), params

@@ -145,3 +145,7 @@ USAGE_ARROW = pa.schema(
         ("http_request_id", pa.string()),
     ]
 )
+
+# The usage export's schema (``llama-orch usage export``, ``GET /admin/usage/export``): the usage table's
+# columns, with ``ts`` marked UTC. Stable: columns are only ever added at the end.
+USAGE_EXPORT_ARROW = USAGE_ARROW.set(1, pa.field("ts", pa.timestamp("us", tz="UTC")))

@@ -44,7 +44,8 @@ class AdminClient:
         self.timeout_s = timeout_s
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                query: dict[str, str] | None = None) -> Any:  # fmt: skip
+                query: dict[str, str] | None = None, raw: bool = False) -> Any:  # fmt: skip
+        """The answer's JSON (``raw``: its bytes); an error answer raises RuntimeError with its message."""
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v})
@@ -54,7 +55,7 @@ class AdminClient:
             req = urllib.request.Request(url, data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read())
+                    return resp.read() if raw else json.loads(resp.read())
             except urllib.error.HTTPError as exc:
                 try:
                     message = json.loads(exc.read())["error"]["message"]
@@ -98,11 +99,18 @@ def add_parsers(sub: Any) -> None:
     grant.add_argument("--idempotency-key", help="repeat a grant safely: the same key never grants twice")
     account = sub.add_parser("account", help="a tenant's balance, open holds and grants")
     account.add_argument("tenant_id")
-    usage = sub.add_parser("usage", help="a tenant's usage: totals and rows")
-    usage.add_argument("tenant_id")
+    usage = sub.add_parser(
+        "usage",
+        help="usage reports and the Parquet export",
+        description="`usage TENANT_ID`: a tenant's totals and rows (or groups); `usage all`: every tenant's; "
+        "`usage export OUT.parquet [--tenant T]`: every row in [since, until) as Parquet",
+    )
+    usage.add_argument("target", metavar="TENANT_ID|all|export")
+    usage.add_argument("out", nargs="?", type=Path, help="export: the Parquet file to write")
+    usage.add_argument("--tenant", help="export: only this tenant's rows")
     usage.add_argument("--since", help="ISO date or time (UTC), inclusive")
     usage.add_argument("--until", help="ISO date or time (UTC), exclusive")
-    usage.add_argument("--group-by", choices=["day", "model", "user"])
+    usage.add_argument("--group-by", choices=["day", "model", "user", "tenant"])
     for p in (create, ts, kc, kr, grant, account, usage, tenants.choices["list"]):
         p.add_argument("--url", help="the stack's base URL (default: the one `up` recorded)")
         p.add_argument("--json", action="store_true", help="print the API's JSON")
@@ -145,9 +153,20 @@ def run(root: Path, args: argparse.Namespace, recorded_base_url: str | None) -> 
     elif args.command == "account":
         out = client.request("GET", f"/admin/tenants/{args.tenant_id}/account")
         text = _account_text(out)
+    elif args.target == "export":
+        if args.out is None:
+            raise RuntimeError("usage export needs the file to write, e.g. `llama-orch usage export usage.parquet`")
+        query = {"since": args.since, "until": args.until, "tenant": args.tenant}
+        data = client.request("GET", "/admin/usage/export", query=query, raw=True)
+        tmp = args.out.with_name(args.out.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(args.out)  # a reader never sees half a file
+        out = {"path": str(args.out), "bytes": len(data)}
+        text = f"wrote {args.out} ({len(data):,} bytes)"
     else:
         query = {"since": args.since, "until": args.until, "group_by": args.group_by}
-        out = client.request("GET", f"/admin/tenants/{args.tenant_id}/usage", query=query)
+        path = "/admin/usage" if args.target == "all" else f"/admin/tenants/{args.target}/usage"
+        out = client.request("GET", path, query=query)
         text = _usage_text(out)
     print(json.dumps(out, indent=2) if args.json else text)
     return 0

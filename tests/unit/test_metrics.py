@@ -107,3 +107,29 @@ def test_the_grafana_board_asks_only_for_exported_metrics() -> None:
     asked = {name for p in board["panels"] for t in p["targets"] for name in re.findall(r"llama_orch_\w+", t["expr"])}
     assert asked and asked <= exported, asked - exported
     assert board["__inputs"][0]["pluginId"] == "prometheus"  # importable as is: Grafana asks for the data source
+
+
+def test_the_usage_table_is_every_row_in_the_export_schema_and_reports_merge_across_shards(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from orch.store import merge_reports
+    from orch.store_schema import USAGE_EXPORT_ARROW
+
+    shards = [Store(tmp_path / f"ledger-{i}.duckdb") for i in range(2)]
+    for i, store in enumerate(shards):
+        store.commit(Batch(ops=[], usage=[r for r in rows() if int(r.tenant_id[-1]) == i]))
+    table = shards[0].usage_table(None, since=T0 + timedelta(seconds=10))
+    assert table.schema.equals(USAGE_EXPORT_ARROW)
+    want = [r for r in rows() if r.tenant_id == "t-0" and r.ts >= T0 + timedelta(seconds=10)]
+    assert table.column("request_id").to_pylist() == [r.request_id for r in want]
+    assert table.column("ts").to_pylist() == [r.ts for r in want]  # UTC-aware, as written
+    pq.write_table(table, tmp_path / "out.parquet")
+    assert pq.read_table(tmp_path / "out.parquet").equals(table)
+
+    merged = merge_reports([s.usage(None, group_by="tenant") for s in shards])
+    assert [(g.key, g.requests) for g in merged.rows] == [("t-0", 20), ("t-1", 20)]  # type: ignore[union-attr]
+    assert merged.totals.cost_micro == sum(r.cost_micro for r in rows())
+    latest = merge_reports([s.usage(None) for s in shards], limit=5)
+    assert [r.request_id for r in latest.rows] == [r.request_id for r in rows()[-5:]]  # type: ignore[union-attr]
+    for store in shards:
+        store.close()
