@@ -77,7 +77,7 @@ def start_reporting(collect: Any, period_s: float = REPORT_PERIOD_S) -> asyncio.
         hub = None
         while True:
             try:
-                hub = hub or metrics_hub()
+                hub = hub or await asyncio.to_thread(metrics_hub)  # a GCS lookup: never on the replica's loop
                 await hub.report.remote(collect())
             except Exception as exc:  # the hub restarts; the next period tries again
                 log.debug("metrics report failed: %s", exc)

@@ -127,7 +127,7 @@ class AccountAPI:
             usage.merge(counted)
         replicas: list[ReplicaReport] = []
         try:
-            self._hub = self._hub or metrics_hub()
+            self._hub = self._hub or await asyncio.to_thread(metrics_hub)  # a GCS lookup, off the loop
             replicas = await asyncio.wait_for(self._hub.reports.remote(), HUB_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001
             log.warning("the metrics hub did not answer: %s", type(exc).__name__)

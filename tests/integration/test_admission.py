@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import Stack
+from tests.integration.test_fair_share import Gate
 from tests.integration.test_private_tap import ENGINE, TINY, tap, tiny  # noqa: F401  (tiny: a fixture)
 from tests.integration.test_tap_billing import account, admin, usage
 
@@ -90,11 +91,23 @@ def _admitted(stack: Stack, *tenants: str) -> list[str]:
     return [r["end_user"] for r in sorted(rows, key=lambda r: r["ts"])]
 
 
-def test_a_light_tenant_goes_ahead_of_a_floods_queue(stack: Stack, gated: str) -> None:
+async def _flood_then_light(url: str, key_a: str, key_b: str, tenant_a: str) -> tuple[int, list[Answer]]:
+    """8 long requests of A (2 run, 6 wait: the queue is full), then, once the gate reports A's 6 waiting,
+    two of B's: (how many of A's the gate had waiting, the answers: A's 8, then B's 2)."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        flood = [asyncio.ensure_future(_send(client, url, key_a, f"a{i}", LONG)) for i in range(8)]
+        waiting = await Gate(CLIENT).wait_for_queue(tenant_a, ADMISSION["max_queue"])
+        light = []
+        for label in ("b0", "b1"):
+            light.append(asyncio.ensure_future(_send(client, url, key_b, label, 8)))
+            await asyncio.sleep(0)  # b0 is sent first
+        return waiting, list(await asyncio.gather(*flood, *light))
+
+
+def test_a_light_tenant_goes_ahead_of_a_floods_queue(stack: Stack, gated: str, ray_driver: None) -> None:
     (a, key_a), (b, key_b) = tenant(stack), tenant(stack)
-    flood = [(0.0, key_a, f"a{i}", LONG, {}) for i in range(8)]  # 2 run, 6 wait: the queue is full
-    light = [(0.3, key_b, "b0", 8, {}), (0.0, key_b, "b1", 8, {})]
-    answers = asyncio.run(_burst(gated, flood + light))
+    waiting, answers = asyncio.run(_flood_then_light(gated, key_a, key_b, a))
+    assert waiting == ADMISSION["max_queue"], (waiting, answers)  # the flood reached the gate before B did
     # Each of b's requests pushed a's newest waiting one out of the full queue (a 429 for the flood).
     assert sorted(answers[:8]) == [200] * 6 + [429] * 2 and answers[8:] == [200, 200], answers
     order = _admitted(stack, a, b)
