@@ -74,7 +74,7 @@ def start_reporting(collect: Any, period_s: float = REPORT_PERIOD_S) -> asyncio.
     request."""
 
     async def loop() -> None:
-        hub = None
+        hub: Any = None
         while True:
             try:
                 hub = hub or await asyncio.to_thread(metrics_hub)  # a GCS lookup: never on the replica's loop
