@@ -126,7 +126,7 @@ def test_interactive_requests_start_before_queued_batch_ones(stack: Stack, gated
     assert max(order.index(f"chat{i}") for i in range(2)) < min(order.index(f"batch{i}") for i in range(3)), order
 
 
-async def _burst_and_openai(url: str, key: str, n: int) -> tuple[list[Answer], Any]:
+async def _burst_and_openai(url: str, key: str, tenant_id: str, n: int) -> tuple[list[Answer], Any]:
     """A burst of ``n`` long requests, and one from the official client while the queue is still full:
     (the burst's answers, the client's exception or answer)."""
     import openai
@@ -134,7 +134,8 @@ async def _burst_and_openai(url: str, key: str, n: int) -> tuple[list[Answer], A
     client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
 
     async def late() -> Any:
-        await asyncio.sleep(1.0)  # the burst is in: 2 running, the queue full
+        # Once the gate reports the queue full (a fixed wait raced the proxy on a loaded machine).
+        await Gate(CLIENT).wait_for_queue(tenant_id, ADMISSION["max_queue"])
         try:
             return await client.chat.completions.create(
                 model=TINY, messages=[{"role": "user", "content": "Hi"}], max_tokens=1
@@ -146,11 +147,13 @@ async def _burst_and_openai(url: str, key: str, n: int) -> tuple[list[Answer], A
     return burst, official
 
 
-def test_past_the_queue_bound_a_429_with_retry_after_and_no_hold_left(stack: Stack, gated: str) -> None:
+def test_past_the_queue_bound_a_429_with_retry_after_and_no_hold_left(
+    stack: Stack, gated: str, ray_driver: None
+) -> None:
     import openai
 
     t, key = tenant(stack, tpm=TPM)
-    answers, official = asyncio.run(_burst_and_openai(gated, key, 14))
+    answers, official = asyncio.run(_burst_and_openai(gated, key, t, 14))
     refused = [a for a in answers if a == 429]
     assert refused and set(answers) == {200, 429}, answers  # one tenant: no one else's request to push out
     assert all(a.retry_after >= 1 and "saturated" in a.message for a in refused), answers

@@ -82,24 +82,29 @@ def test_a_client_gone_mid_stream_aborts_the_engine_request_and_pays_what_it_got
 ) -> None:
     from ray import serve
 
-    tenant, headers = tenant_of(stack, 10_000_000)
-    received = 0
-    long = body(stream=True, max_tokens=400)
-    with httpx.stream("POST", fused + "/chat/completions", json=long, headers=headers, timeout=120) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                received += 1
-            if received >= 3:
-                break
     handle = serve.get_deployment_handle(f"model-{TINY}", app_name=f"private-{CLIENT}")
-    deadline = time.monotonic() + 30
-    while (stats := handle.stats.remote().result(timeout_s=60))["unfinished"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert stats["unfinished"] == 0 and stats["aborted"] >= 1, stats  # the engine stopped generating
+    long = body(stream=True, max_tokens=400)
+    for _ in range(3):
+        tenant, headers = tenant_of(stack, 10_000_000)
+        received = 0
+        with httpx.stream("POST", fused + "/chat/completions", json=long, headers=headers, timeout=120) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    received += 1
+                if received >= 3:
+                    break
+        deadline = time.monotonic() + 30
+        while (stats := handle.stats.remote().result(timeout_s=60))["unfinished"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        a = account(stack, tenant)
+        (row,) = usage(stack, tenant)["data"]
+        if (row["status"], row["completion_tokens"]) != ("ok", 400):
+            break
+        # The tiny model wrote all 400 tokens before the client's leaving reached it (a loaded proxy delivers
+        # the stream late): nothing was left to abort. The premise failed, not the abort; try again.
+    assert stats["unfinished"] == 0 and stats["aborted"] >= 1, (stats, row)  # the engine stopped generating
 
-    a = account(stack, tenant)
-    (row,) = usage(stack, tenant)["data"]
     assert row["status"] == "aborted" and 3 <= row["completion_tokens"] < 400, row
     assert a["spent_micro_credits"] == cost_of(row) == 10_000_000 - a["balance_micro_credits"]
 
