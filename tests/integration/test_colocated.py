@@ -16,7 +16,7 @@ import pytest
 from orch.ledger import cost
 from tests.integration.conftest import Stack
 from tests.integration.test_private_tap import ENGINE, TINY, tap, tiny  # noqa: F401  (tiny: a fixture)
-from tests.integration.test_tap_billing import account, admin, usage
+from tests.integration.test_tap_billing import account, admin, stream_then_leave, usage
 
 pytestmark = pytest.mark.integration
 
@@ -86,14 +86,7 @@ def test_a_client_gone_mid_stream_aborts_the_engine_request_and_pays_what_it_got
     long = body(stream=True, max_tokens=400)
     for _ in range(3):
         tenant, headers = tenant_of(stack, 10_000_000)
-        received = 0
-        with httpx.stream("POST", fused + "/chat/completions", json=long, headers=headers, timeout=120) as resp:
-            assert resp.status_code == 200
-            for line in resp.iter_lines():
-                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                    received += 1
-                if received >= 3:
-                    break
+        stream_then_leave(fused + "/chat/completions", long, headers, 3)
         deadline = time.monotonic() + 30
         while (stats := handle.stats.remote().result(timeout_s=60))["unfinished"] and time.monotonic() < deadline:
             time.sleep(0.2)

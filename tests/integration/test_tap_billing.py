@@ -235,19 +235,23 @@ def test_killing_the_ledger_under_load_loses_and_doubles_nothing(stack: Stack, r
     assert audit["granted"] - audit["debited"] - audit["held"] >= audit["balance"]  # expired grants forfeit
 
 
-def test_disconnect_mid_stream_charges_the_tokens_produced(stack: Stack) -> None:
-    tenant, key = new_tenant(stack, 10_000_000)
-    story = [{"role": "user", "content": "Write a very long story about a dragon."}]
-    body = {"model": MODEL, "messages": story, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+def stream_then_leave(url: str, body: dict[str, Any], headers: dict[str, str], tokens: int) -> None:
+    """Streams a chat completion and closes the connection after ``tokens`` content chunks."""
     received = 0
-    headers = {"Authorization": f"Bearer {key}"}
-    with httpx.stream("POST", stack.v1 + "/chat/completions", json=body, headers=headers, timeout=120) as resp:
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 received += 1
-            if received >= 5:
-                break
+            if received >= tokens:
+                return
+
+
+def test_disconnect_mid_stream_charges_the_tokens_produced(stack: Stack) -> None:
+    tenant, key = new_tenant(stack, 10_000_000)
+    story = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    body = {"model": MODEL, "messages": story, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    stream_then_leave(stack.v1 + "/chat/completions", body, {"Authorization": f"Bearer {key}"}, 5)
     a = account(stack, tenant)  # waits until the hold is settled
     assert a["held_micro_credits"] == 0 and a["open_holds"] == []
     rows = usage(stack, tenant)["data"]
