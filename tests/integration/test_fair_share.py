@@ -5,7 +5,7 @@ of 12: on 2 busy cores single TTFTs swing between 36 and 267 ms).
 
 What makes it stable on 2 cores (an earlier version swung 20x, 2.3x, 0.9x between runs):
 
-- B sends only once the gate itself reports at least 2 batches of A's requests waiting (its ``stats()``,
+- B sends only once the gate itself reports at least 2 batches of A's requests waiting (its ``admission_stats()``,
   read through a Serve handle). The flood reaches the gate through Serve's proxy unevenly; without this
   check B sometimes met no queue at all.
 - A's requests ask for random lengths (seeded), so their ends spread out and a place frees every few
