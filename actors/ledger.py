@@ -28,7 +28,7 @@ import pyarrow as pa
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
 from orch.metrics import COMMIT_BUCKETS_S, Histogram, LedgerGauges, UsageMetrics
-from orch.protocol import GroupBy
+from orch.protocol import USAGE_LIMIT, GroupBy
 from orch.ratelimit import Decision, Limit, Policy, RateWindows
 from orch.renewal import Renewal, Renewed, apply_renewal
 from orch.store import ApiKeyRecord, Batch, Store, UsageReport, UsageRow
@@ -272,12 +272,29 @@ class LedgerService:
         }
 
     async def usage(self, tenant_id: str | None, since: datetime | None, until: datetime | None,
-                    group_by: GroupBy | None) -> UsageReport:  # fmt: skip
-        """The usage report (``tenant_id`` None: every tenant of this shard)."""
+                    group_by: GroupBy | None, limit: int = USAGE_LIMIT) -> UsageReport:  # fmt: skip
+        """The usage report (``tenant_id`` None: every tenant of this shard); ungrouped, the latest
+        ``limit`` requests."""
         report: UsageReport = await self._read(
-            self._store.usage, tenant_id, since=since, until=until, group_by=group_by
+            self._store.usage, tenant_id, since=since, until=until, group_by=group_by, limit=limit
         )
         return report
+
+    def list_keys(self, tenant_id: str) -> list[dict[str, Any]]:
+        """The tenant's keys, revoked ones too, oldest first: ids, taps, dates and limits, never a secret."""
+        return [
+            {
+                "object": "api_key",
+                "key_id": k.key_id,
+                "tap": k.tap,
+                "created_at": k.created_at.isoformat(),
+                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                "priority": k.policy.priority,
+                "rpm": k.policy.key_rpm,
+                "tpm": k.policy.key_tpm,
+            }  # fmt: skip
+            for k in self._store.list_keys(tenant_id)
+        ]
 
     async def usage_table(self, tenant_id: str | None, since: datetime | None, until: datetime | None) -> pa.Table:
         """Every usage row in ``[since, until)`` as Arrow (``orch.store.Store.usage_table``), for the export."""

@@ -23,10 +23,19 @@ from starlette.responses import JSONResponse, Response
 from actors.ledger_client import LedgerClient
 from actors.metrics_hub import metrics_hub
 from orch.billing import KeyCache, Principal
+from orch.control.tapctl import stack_overview
 from orch.errors import Conflict, InvalidRequest, NotFound
 from orch.ledger import Code, GrantCredits
 from orch.metrics import ReplicaReport, UsageMetrics, render
-from orch.protocol import CreateKeyBody, CreateTenantBody, GrantBody, TenantPolicyBody, parse_body, parse_usage_query
+from orch.protocol import (
+    CreateKeyBody,
+    CreateOwnKeyBody,
+    CreateTenantBody,
+    GrantBody,
+    TenantPolicyBody,
+    parse_body,
+    parse_usage_query,
+)
 from orch.store import UsageReport, UsageRow, merge_reports
 from orch.store_schema import USAGE_EXPORT_ARROW
 
@@ -65,10 +74,15 @@ class AccountAPI:
         return [
             ("GET", re.compile(r"/v1/account"), self.account, tenant),
             ("GET", re.compile(r"/v1/usage"), self.usage, tenant),
+            ("GET", re.compile(r"/v1/keys"), self.own_keys, tenant),
+            ("POST", re.compile(r"/v1/keys"), self.create_own_key, tenant),
+            ("DELETE", re.compile(rf"/v1/keys/{KEY_ID}"), self.revoke_own_key, tenant),
             ("POST", re.compile(r"/admin/tenants"), self.create_tenant, admin),
             ("GET", re.compile(r"/admin/tenants"), self.list_tenants, admin),
             ("PATCH", re.compile(rf"/admin/tenants/{TENANT_ID}"), self.patch_tenant, admin),
             ("POST", re.compile(rf"/admin/tenants/{TENANT_ID}/keys"), self.create_key, admin),
+            ("GET", re.compile(rf"/admin/tenants/{TENANT_ID}/keys"), self.tenant_keys, admin),
+            ("GET", re.compile(r"/admin/taps"), self.taps, admin),
             ("DELETE", re.compile(rf"/admin/keys/{KEY_ID}"), self.revoke_key, admin),
             ("DELETE", re.compile(rf"/admin/taps/{TAP}/keys"), self.revoke_tap_keys, admin),
             ("POST", re.compile(rf"/admin/tenants/{TENANT_ID}/grants"), self.grant, admin),
@@ -94,16 +108,45 @@ class AccountAPI:
         return account
 
     async def _usage_of(self, request: Request, tenant_id: str) -> Response:
-        since, until, group_by = parse_usage_query(dict(request.query_params))
+        q = parse_usage_query(dict(request.query_params))
         await self._settled(tenant_id)
-        report: UsageReport = await self._ledger.tenant_call(tenant_id, "usage", tenant_id, since, until, group_by)
-        return JSONResponse(usage_json(report, tenant_id, since, until))
+        report: UsageReport = await self._ledger.tenant_call(tenant_id, "usage", tenant_id, *q)
+        return JSONResponse(usage_json(report, tenant_id, q.since, q.until))
 
     async def account(self, request: Request, principal: Principal) -> Response:
         return JSONResponse(await self._account_of(principal.tenant_id))
 
     async def usage(self, request: Request, principal: Principal) -> Response:
         return await self._usage_of(request, principal.tenant_id)
+
+    async def own_keys(self, request: Request, principal: Principal) -> Response:
+        """``GET /v1/keys``: the tenant's keys of every tap, revoked ones too (never a secret)."""
+        keys = await self._ledger.tenant_call(principal.tenant_id, "list_keys", principal.tenant_id)
+        return JSONResponse({"object": "list", "data": keys})
+
+    async def create_own_key(self, request: Request, principal: Principal) -> Response:
+        """``POST /v1/keys``: a new key of this tap for the tenant, with the key's own rate limits if asked
+        (``rpm``, ``tpm``; the tenant's limits still apply). The raw key is in this answer only."""
+        body: CreateOwnKeyBody = parse_body(CreateOwnKeyBody, await self._read_body(request))
+        created = await self._ledger.tenant_call(principal.tenant_id, "create_key", principal.tenant_id, self._tap,
+                                                 None, body.rpm, body.tpm)  # fmt: skip
+        if created is None:
+            raise NotFound(f"No tenant '{principal.tenant_id}'.", code="tenant_not_found")
+        key_id, raw = created
+        return JSONResponse({
+            "object": "api_key", "key_id": key_id, "key": raw, "tenant_id": principal.tenant_id, "tap": self._tap,
+            "priority": None, "rpm": body.rpm, "tpm": body.tpm,
+        })  # fmt: skip
+
+    async def revoke_own_key(self, request: Request, principal: Principal, key_id: str) -> Response:
+        """``DELETE /v1/keys/{key_id}``: revokes one of the tenant's own keys (another tenant's is a 404, as
+        if it did not exist)."""
+        record = await self._ledger.get_key(key_id)
+        if record is None or record.tenant_id != principal.tenant_id:
+            raise NotFound(f"No key '{key_id}'.", code="key_not_found")
+        await self._ledger.tenant_call(record.tenant_id, "revoke_key", key_id)
+        self._keys.forget(key_id)
+        return JSONResponse({"object": "api_key", "key_id": key_id, "revoked": True})
 
     # ---- admin ----
 
@@ -137,18 +180,16 @@ class AccountAPI:
 
     async def all_usage(self, request: Request, principal: Principal) -> Response:
         """``GET /admin/usage``: the report across every tenant (``group_by`` day, model, user or tenant)."""
-        since, until, group_by = parse_usage_query(dict(request.query_params))
-        reports = await asyncio.gather(
-            *(self._ledger.call(s, "usage", None, since, until, group_by) for s in range(self._ledger.shards))
-        )
-        return JSONResponse(usage_json(merge_reports(reports), None, since, until))
+        q = parse_usage_query(dict(request.query_params))
+        reports = await asyncio.gather(*(self._ledger.call(s, "usage", None, *q) for s in range(self._ledger.shards)))
+        return JSONResponse(usage_json(merge_reports(reports, q.limit), None, q.since, q.until))
 
     async def export_usage(self, request: Request, principal: Principal) -> Response:
         """``GET /admin/usage/export?since&until&tenant``: every usage row as one Parquet file (zstd), in
         :data:`~orch.store_schema.USAGE_EXPORT_ARROW`; ``x-row-count`` says how many rows it holds."""
         params = dict(request.query_params)
         tenant = params.pop("tenant", None) or None
-        since, until, group_by = parse_usage_query(params)
+        since, until, group_by, _ = parse_usage_query(params)
         if group_by is not None:
             raise InvalidRequest("The export holds every row; group_by is for reports.", param="group_by")
         if tenant is not None:
@@ -180,6 +221,16 @@ class AccountAPI:
             "object": "api_key", "key_id": key_id, "key": raw, "tenant_id": tenant_id, "tap": tap,
             "priority": body.priority, "rpm": body.rpm, "tpm": body.tpm,
         })  # fmt: skip
+
+    async def tenant_keys(self, request: Request, principal: Principal, tenant_id: str) -> Response:
+        await self._account_of(tenant_id)  # a 404 for an unknown tenant
+        keys = await self._ledger.tenant_call(tenant_id, "list_keys", tenant_id)
+        return JSONResponse({"object": "list", "data": keys})
+
+    async def taps(self, request: Request, principal: Principal) -> Response:
+        """``GET /admin/taps``: every Serve app of the stack, its deployments' replicas, and the GPU groups
+        its replicas hold (``orch/control/tapctl.py``: what ``llama-orch tap list`` shows)."""
+        return JSONResponse(await asyncio.to_thread(stack_overview))
 
     async def patch_tenant(self, request: Request, principal: Principal, tenant_id: str) -> Response:
         """Sets the tenant's priority class, fair-share weight and rate limits; gateways see the change
@@ -250,6 +301,8 @@ def usage_json(
         d = r._asdict() if isinstance(r, UsageRow) else dataclasses.asdict(r)
         if isinstance(r, UsageRow):
             d["ts"] = r.ts.isoformat()
+        elif report.group_by == "day_model":
+            d["day"], d["model"] = r.key.split(" ", 1)
         rows.append(d)
     return {
         "object": "usage",

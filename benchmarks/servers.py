@@ -26,7 +26,7 @@ import yaml
 from benchmarks import procprobe
 from benchmarks.loadgen import LoadSpec, measure, warm_up
 from orch.config import EngineConfig, ModelConfig
-from orch.serve_config import load_serve_config
+from orch.serve_config import is_tap, load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def free_port() -> int:
 def first_model(config_path: Path) -> ModelConfig:
     """The first model of the config's first llama-orch app: the one both servers serve."""
     config = load_serve_config(config_path)
-    app = next(a for a in config["applications"] if str(a.get("import_path", "")).startswith("apps."))
+    app = next(a for a in config["applications"] if is_tap(a))
     return ModelConfig.model_validate(app["args"]["models"][0])
 
 
@@ -225,7 +225,7 @@ def gateway_config(
     config = yaml.safe_load(config_path.read_text())
     config.setdefault("http_options", {})["port"] = port
     for app in config["applications"]:
-        if str(app.get("import_path", "")).startswith("apps."):
+        if is_tap(app):
             for key, value in tap_args.items():  # a nested setting (gateway.colocate) keeps its siblings
                 merged = app["args"].get(key)
                 app["args"][key] = merged | value if isinstance(value, dict) and isinstance(merged, dict) else value

@@ -284,6 +284,16 @@ class TapConfig(StrictModel):
         return len(generating) == 1 and self.gateway.num_replicas == 1 and generating[0].routing != "prefix"
 
 
+class DashboardConfig(StrictModel):
+    """``apps.dashboard:build``'s args: the web page of tenants and admins, an app of its own that serves
+    only files; the page calls the taps' API from the browser."""
+
+    api_base: str = Field(
+        "", pattern=r"^(/[A-Za-z0-9._~/-]*)?$", description="Path of the tap whose API the page calls ('' = '/')."
+    )
+    num_cpus: float = Field(0.05, ge=0, le=4)
+
+
 def load_args(model: type[StrictModel], args: dict[str, Any], where: str = "args") -> Any:
     """Validates ``args`` into ``model``; raises :class:`ConfigError` with one line naming the field."""
     try:

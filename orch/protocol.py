@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -331,6 +331,14 @@ class CreateKeyBody(_Body):
     tpm: int | None = Field(None, ge=1, le=10**12, description="Tokens per minute of this key.")
 
 
+class CreateOwnKeyBody(_Body):
+    """``POST /v1/keys``: a tenant's new key of the tap that serves the call, with the key's own rate limits
+    (under the tenant's, which still apply); its priority class is the tenant's, set by an admin."""
+
+    rpm: int | None = Field(None, ge=1, le=10**9, description="Requests per minute of this key.")
+    tpm: int | None = Field(None, ge=1, le=10**12, description="Tokens per minute of this key.")
+
+
 class TenantPolicyBody(_Body):
     """``PATCH /admin/tenants/{id}``: the fields given are set (null clears one), the others kept."""
 
@@ -359,16 +367,29 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
         raise validation_error(exc) from None
 
 
-GroupBy = Literal["day", "model", "user", "tenant"]
+GroupBy = Literal["day", "model", "user", "tenant", "day_model"]
+GROUP_BYS: tuple[GroupBy, ...] = ("day", "model", "user", "tenant", "day_model")
+USAGE_LIMIT = 1000  # the most requests one usage report lists (totals always count every one)
 
 
-def parse_usage_query(params: dict[str, str]) -> tuple[datetime | None, datetime | None, GroupBy | None]:
-    """``since``/``until`` (ISO 8601 date or time; naive means UTC) and ``group_by`` of ``GET /v1/usage``.
+class UsageQuery(NamedTuple):
+    """The query of ``GET /v1/usage`` and the admin reports: ``[since, until)``, the grouping, and how
+    many of the latest requests to list when not grouped."""
 
-    >>> parse_usage_query({"since": "2026-11-01", "group_by": "day"})[0].isoformat()
+    since: datetime | None = None
+    until: datetime | None = None
+    group_by: GroupBy | None = None
+    limit: int = USAGE_LIMIT
+
+
+def parse_usage_query(params: dict[str, str]) -> UsageQuery:
+    """``since``/``until`` (ISO 8601 date or time; naive means UTC), ``group_by`` and ``limit`` of
+    ``GET /v1/usage``.
+
+    >>> parse_usage_query({"since": "2026-11-01", "group_by": "day"}).since.isoformat()
     '2026-11-01T00:00:00+00:00'
     """
-    unknown = sorted(set(params) - {"since", "until", "group_by"})
+    unknown = sorted(set(params) - {"since", "until", "group_by", "limit"})
     if unknown:
         raise InvalidRequest(f"Unknown query parameter '{unknown[0]}'.", param=unknown[0], code="unknown_parameter")
     times: list[datetime | None] = []
@@ -388,8 +409,15 @@ def parse_usage_query(params: dict[str, str]) -> tuple[datetime | None, datetime
             ) from None
         times.append(at)
     group_by = params.get("group_by") or None
-    if group_by not in (None, "day", "model", "user", "tenant"):
+    if group_by is not None and group_by not in GROUP_BYS:
         raise InvalidRequest(
-            "Invalid 'group_by': expected 'day', 'model', 'user' or 'tenant'.", param="group_by", code="invalid_value"
+            f"Invalid 'group_by': expected one of {', '.join(repr(g) for g in GROUP_BYS)}.",
+            param="group_by",
+            code="invalid_value",
         )
-    return times[0], times[1], group_by  # type: ignore[return-value]
+    raw_limit = params.get("limit") or str(USAGE_LIMIT)
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= USAGE_LIMIT:
+        raise InvalidRequest(
+            f"Invalid 'limit': expected a whole number from 1 to {USAGE_LIMIT}.", param="limit", code="invalid_value"
+        )
+    return UsageQuery(times[0], times[1], group_by, int(raw_limit))  # type: ignore[arg-type]

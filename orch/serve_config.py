@@ -11,10 +11,20 @@ from typing import Any
 
 import yaml
 
-from orch.config import ConfigError, TapConfig, load_args
+from orch.config import ConfigError, DashboardConfig, StrictModel, TapConfig, load_args
 from orch.tapspec import TapSpec
 
+PUBLIC_TAP_IMPORT_PATH = "apps.public_tap:build"
 PRIVATE_TAP_IMPORT_PATH = "apps.private_tap:build"
+DASHBOARD_IMPORT_PATH = "apps.dashboard:build"
+ARGS: dict[str, type[StrictModel]] = {
+    PUBLIC_TAP_IMPORT_PATH: TapConfig, PRIVATE_TAP_IMPORT_PATH: TapSpec, DASHBOARD_IMPORT_PATH: DashboardConfig
+}  # fmt: skip  # each llama-orch app's args model
+
+
+def is_tap(app: dict[str, Any]) -> bool:
+    """Whether a Serve config entry is a tap (public or private): an app with models, a data dir, a ledger."""
+    return app.get("import_path") in (PUBLIC_TAP_IMPORT_PATH, PRIVATE_TAP_IMPORT_PATH)
 
 
 def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -30,7 +40,6 @@ def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config error: {path} has no 'applications'")
     for i, app in enumerate(config["applications"]):
         import_path = str(app.get("import_path", ""))
-        if import_path.startswith("apps."):
-            model = TapSpec if import_path == PRIVATE_TAP_IMPORT_PATH else TapConfig
-            load_args(model, app.get("args") or {}, where=f"applications[{i}].args")
+        if import_path in ARGS:
+            load_args(ARGS[import_path], app.get("args") or {}, where=f"applications[{i}].args")
     return config

@@ -104,7 +104,8 @@ class UsageTotals:
 
 @dataclass(frozen=True, slots=True)
 class UsageGroup:
-    key: str  # ISO day (group_by='day'), model name ('model'), end user ('user'; '' for none) or tenant id
+    key: str  # ISO day (group_by='day'), model name ('model'), end user ('user'; '' for none), tenant id
+    # ('tenant'), or ISO day, a space and the model name ('day_model')
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -147,7 +148,8 @@ def merge_reports(reports: Sequence[UsageReport], limit: int = 1000) -> UsageRep
 
 
 GROUP_KEYS = {
-    "day": "strftime(ts, '%Y-%m-%d')", "model": "model", "user": "coalesce(end_user, '')", "tenant": "tenant_id"
+    "day": "strftime(ts, '%Y-%m-%d')", "model": "model", "user": "coalesce(end_user, '')", "tenant": "tenant_id",
+    "day_model": "strftime(ts, '%Y-%m-%d') || ' ' || model",  # the dashboard's chart: '2026-11-28 <model>'
 }  # fmt: skip
 
 
@@ -397,7 +399,7 @@ class Store:
         tenant_id: str | None,
         since: datetime | None = None,
         until: datetime | None = None,
-        group_by: Literal["day", "model", "user"] | None = None,
+        group_by: GroupBy | None = None,
         limit: int = 1000,
         con: duckdb.DuckDBPyConnection | None = None,
     ) -> UsageReport:

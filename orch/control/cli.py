@@ -46,7 +46,7 @@ from orch.control.cluster import (
     up_file,
 )
 from orch.metrics import HUB_NAME, HUB_NAMESPACE, ReplicaReport
-from orch.serve_config import load_serve_config
+from orch.serve_config import DASHBOARD_IMPORT_PATH, is_tap, load_serve_config
 from orch.startup import app_start_failure
 
 DEFAULT_CONFIG = "configs/local.yaml"
@@ -122,9 +122,12 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
             state_file(root).unlink(missing_ok=True)
         raise
     print(f"llama-orch is up: {base}/v1")
+    for app in config["applications"]:
+        if app.get("import_path") == DASHBOARD_IMPORT_PATH and app.get("route_prefix"):
+            print(f"dashboard: {base}{app['route_prefix'].rstrip('/')}/  (sign in with a tenant key or the admin key)")
     if state is not None and (jobs := job_address(state)):
         print(f"ray jobs: {jobs}  (see `llama-orch status` for the client environment)")
-    if any(str(a.get("import_path", "")).startswith("apps.") for a in config["applications"]):
+    if any(is_tap(a) for a in config["applications"]):
         _ensure_demo(root, base)
     return 0
 
@@ -195,7 +198,7 @@ def _with_data_dir(config: dict[str, Any], root: Path) -> dict[str, Any]:
     """Pins the data dir to an absolute path: replicas do not share the caller's working directory."""
     config = copy.deepcopy(config)
     for app in config["applications"]:
-        if str(app.get("import_path", "")).startswith("apps."):
+        if is_tap(app):
             args = app.setdefault("args", {})
             args["data_dir"] = str(data_dir(args.get("data_dir") or str(root)))
     return config

@@ -110,7 +110,7 @@ def add_parsers(sub: Any) -> None:
     usage.add_argument("--tenant", help="export: only this tenant's rows")
     usage.add_argument("--since", help="ISO date or time (UTC), inclusive")
     usage.add_argument("--until", help="ISO date or time (UTC), exclusive")
-    usage.add_argument("--group-by", choices=["day", "model", "user", "tenant"])
+    usage.add_argument("--group-by", choices=["day", "model", "user", "tenant", "day_model"])
     for p in (create, ts, kc, kr, grant, account, usage, tenants.choices["list"]):
         p.add_argument("--url", help="the stack's base URL (default: the one `up` recorded)")
         p.add_argument("--json", action="store_true", help="print the API's JSON")

@@ -18,6 +18,7 @@ from typing import Any
 from orch.capacity import Capacity, InsufficientGPUs, snapshot
 from orch.files import locked, write_json_atomic
 from orch.serve_config import PRIVATE_TAP_IMPORT_PATH as PRIVATE_IMPORT_PATH
+from orch.serve_config import is_tap
 from orch.startup import app_start_failure
 from orch.tapspec import TapSpec
 
@@ -70,7 +71,7 @@ def stack_ledger_shards(base: dict[str, Any]) -> int:
     counts = {
         int(a.get("args", {}).get("ledger_shards", 1))
         for a in base["applications"]
-        if a.get("import_path") != PRIVATE_IMPORT_PATH
+        if is_tap(a) and a.get("import_path") != PRIVATE_IMPORT_PATH
     }
     if len(counts) > 1:
         raise ValueError(f"the stack's apps disagree on ledger_shards: {sorted(counts)}")
@@ -146,6 +147,39 @@ def groups_by_app() -> dict[str, list[dict[str, Any]]]:
             nodes = sorted(set(pg.get("bundles_to_node_id", {}).values()))
             out.setdefault(app, []).append({"node_id": ",".join(nodes), "gpus": gpus, "state": pg.get("state")})
     return out
+
+
+def stack_overview() -> dict[str, Any]:
+    """``GET /admin/taps`` (the dashboard's admin view): every Serve app of the stack with its status, each
+    deployment's replicas by state and the GPU groups its replicas hold; and each node's GPUs, total and free."""
+    from ray import serve
+
+    groups = groups_by_app()
+    out = []
+    for name, app in sorted(serve.status().applications.items()):
+        held = [g for g in groups.get(name, []) if g["state"] == "CREATED"]
+        deployments = [
+            {"name": dep_name, "status": _word(dep.status),
+             "replicas": {_word(state): n for state, n in dep.replica_states.items()}}
+            for dep_name, dep in sorted(app.deployments.items())
+        ]  # fmt: skip
+        out.append({
+            "object": "app", "name": name, "kind": _kind(name), "status": _word(app.status),
+            "deployments": deployments, "gpu_groups": held, "gpus_reserved": sum(g["gpus"] for g in held),
+        })  # fmt: skip
+    nodes = [
+        {"node_id": n.node_id, "address": n.address, "gpus_total": n.total, "gpus_free": n.free}
+        for n in snapshot().nodes
+    ]
+    return {"object": "list", "data": out, "nodes": nodes}
+
+
+def _kind(app: str) -> str:
+    return "private tap" if app.startswith("private-") else "public tap" if app == "public" else "app"
+
+
+def _word(status: object) -> str:
+    return str(getattr(status, "value", status))
 
 
 def list_text(taps: dict[str, dict[str, Any]]) -> str:

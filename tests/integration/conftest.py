@@ -22,6 +22,7 @@ import yaml
 
 from orch.control.cluster import read_state, use_cluster
 from orch.models import DEFAULT_MODEL_NAME, materialise_default_model
+from orch.serve_config import is_tap
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = DEFAULT_MODEL_NAME
@@ -57,6 +58,8 @@ def local_config(port: int, model_dir: Path, replicas: int = TAP_REPLICAS) -> di
     config["http_options"]["port"] = port
     override = os.environ.get("LLAMA_ORCH_TEST_ENGINE")
     for app in config["applications"]:
+        if not is_tap(app):  # the dashboard, as shipped
+            continue
         app["args"]["lease_ttl_s"] = LEASE_TTL_S
         for model in app["args"]["models"]:
             if model.get("task") == "embed":  # the default embedding model, one replica, as shipped

@@ -61,6 +61,8 @@ def test_serve_run_local_yaml_answers(tmp_path: Path, model_dir: Path) -> None:
         )
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] >= 1
+        page = httpx.get(base.removesuffix("/v1") + "/dashboard", follow_redirects=True, timeout=30)  # its own app
+        assert page.status_code == 200 and "llama-orch dashboard" in page.text, page.text[:300]
     finally:
         proc.send_signal(signal.SIGTERM)  # serve run ignores SIGINT without a terminal
         try:

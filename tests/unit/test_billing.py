@@ -130,9 +130,11 @@ def test_key_cache_refuses_bad_keys_and_keys_of_other_taps() -> None:
 
 
 def test_usage_query_and_admin_bodies() -> None:
-    since, until, group_by = parse_usage_query({"since": "2026-11-01T10:00:00+02:00", "group_by": "model"})
-    assert since == datetime(2026, 11, 1, 8, tzinfo=UTC) and until is None and group_by == "model"
-    for bad in ({"since": "yesterday"}, {"group_by": "week"}, {"limit": "3"}):
+    since, until, group_by, limit = parse_usage_query({"since": "2026-11-01T10:00:00+02:00", "group_by": "model"})
+    assert since == datetime(2026, 11, 1, 8, tzinfo=UTC) and until is None and group_by == "model" and limit == 1000
+    assert parse_usage_query({"limit": "20", "group_by": "day_model"})[2:] == ("day_model", 20)
+    for bad in ({"since": "yesterday"}, {"group_by": "week"}, {"limit": "0"}, {"limit": "1001"}, {"limit": "2.5"},
+                {"top": "3"}):  # fmt: skip
         with pytest.raises(InvalidRequest) as err:
             parse_usage_query(bad)
         assert err.value.param == next(iter(bad))

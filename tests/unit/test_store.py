@@ -225,7 +225,7 @@ def test_views_show_tenants_grants_holds_and_debits(tmp_path: Path) -> None:
         assert sql("SELECT hold_id, micro_credits FROM debits").fetchall() == [("h1", 60)]
 
 
-def test_usage_totals_and_groups_by_day_model_and_user(tmp_path: Path) -> None:
+def test_usage_totals_and_groups_by_day_model_user_and_both(tmp_path: Path) -> None:
     rows = [
         usage_row("a", 10, ts=T0, model="m1", end_user="alice", http_request_id="req-a"),
         usage_row("b", 20, ts=T0 + timedelta(seconds=2), model="m2", completion_tokens=7, end_user="bob"),  # next day
@@ -243,8 +243,14 @@ def test_usage_totals_and_groups_by_day_model_and_user(tmp_path: Path) -> None:
         assert [(g.key, g.cost_micro) for g in by_model.rows] == [("m1", 40), ("m2", 20)]  # type: ignore[union-attr]
         by_user = store.usage("acme", group_by="user")
         assert [(g.key, g.cost_micro) for g in by_user.rows] == [("", 30), ("alice", 10), ("bob", 20)]  # type: ignore[union-attr]
+        by_day_model = store.usage("acme", group_by="day_model")  # the dashboard's chart
+        assert [(g.key, g.cost_micro) for g in by_day_model.rows] == [  # type: ignore[union-attr]
+            ("2025-06-30 m1", 10), ("2025-07-01 m1", 30), ("2025-07-01 m2", 20)
+        ]  # fmt: skip
         plain = store.usage("acme")
         assert plain.rows == tuple(rows[:3])  # typed rows back, UTC-aware, in time order
+        latest = store.usage("acme", limit=2)
+        assert latest.rows == tuple(rows[1:3]) and latest.totals.requests == 3  # the latest 2; totals count all
         assert store.usage(None).totals.cost_micro == 159
 
 

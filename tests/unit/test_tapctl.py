@@ -42,7 +42,8 @@ def test_a_tap_becomes_one_serve_app_next_to_the_base_config() -> None:
     taps = {"acme": {"spec": spec.model_dump(mode="json")}, "lab": {"spec": hidden.model_dump(mode="json")}}
     config = desired_config(base, taps)
     names = [(a["name"], a["route_prefix"]) for a in config["applications"]]
-    assert names == [("public", "/"), ("private-acme", "/private/acme"), ("private-lab", None)]
+    assert names == [("public", "/"), ("dashboard", "/dashboard"), ("private-acme", "/private/acme"),
+                     ("private-lab", None)]  # fmt: skip
     ServeDeploySchema.model_validate(config)  # what `serve deploy` and `tap create` send
     assert desired_config(config, {})["applications"] == base["applications"]  # deleting removes it
     assert TapSpec.model_validate(tap_application(spec)["args"]) == spec
