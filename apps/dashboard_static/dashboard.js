@@ -270,6 +270,7 @@
         model: $("try-model").value,
         messages: [{ role: "user", content: $("try-prompt").value }],
         max_tokens: Number($("try-max").value) || 16,
+        temperature: 0, // the model's most likely answer: what a first try should show
       });
       out.textContent = answer.choices[0].message.content;
       out.dataset.requestId = answer.id;
@@ -350,7 +351,7 @@
 
   function drawBars(box, bars, series, fmt) {
     // Vertical stacked bars: one per entry of bars ({label, parts}), a color per series.
-    const W = 720, H = 220, left = 64, bottom = 24, top = 10;
+    const W = 720, H = 220, left = 8, bottom = 24, top = 22;
     const svg = document.createElementNS(SVG, "svg");
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     svg.setAttribute("role", "img");
@@ -365,11 +366,13 @@
       t.textContent = s;
       svg.appendChild(t);
     };
-    const axis = document.createElementNS(SVG, "line");
-    for (const [a, v] of [["x1", left], ["x2", W - 8], ["y1", H - bottom], ["y2", H - bottom]]) axis.setAttribute(a, v);
-    svg.appendChild(axis);
-    text(left - 6, top + 8, fmt(max), "end");
-    text(left - 6, H - bottom, "0", "end");
+    for (const y of [top, H - bottom]) {  // the top of the highest bar, labelled, and the axis
+      const line = document.createElementNS(SVG, "line");
+      for (const [a, v] of [["x1", left], ["x2", W - 8], ["y1", y], ["y2", y]]) line.setAttribute(a, v);
+      if (y === top) line.setAttribute("class", "grid");
+      svg.appendChild(line);
+    }
+    text(left, top - 6, fmt(max), "start");
     bars.forEach((b, i) => {
       let y = H - bottom;
       b.parts.forEach((v, s) => {
@@ -392,6 +395,45 @@
     if (bars.length) {
       text(left, H - 6, bars[0].label, "start");
       text(W - 8, H - 6, bars[bars.length - 1].label, "end");
+    }
+    box.replaceChildren(svg);
+  }
+
+  function drawHBars(box, items, fmt) {
+    // One horizontal bar per item ({label, value}), its label on the left and its value on the right.
+    const W = 720, row = 24, label = 180, right = 150;
+    const H = Math.max(1, items.length) * row + 8;
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.setAttribute("role", "img");
+    const max = Math.max(1, ...items.map((i) => i.value));
+    items.forEach((item, i) => {
+      const y = 4 + i * row;
+      const name = document.createElementNS(SVG, "text");
+      name.setAttribute("x", label - 8);
+      name.setAttribute("y", y + row / 2 + 4);
+      name.setAttribute("text-anchor", "end");
+      name.textContent = item.label.length > 26 ? `${item.label.slice(0, 25)}…` : item.label;
+      const r = document.createElementNS(SVG, "rect");
+      r.setAttribute("x", label);
+      r.setAttribute("y", y + 3);
+      r.setAttribute("width", Math.max(1, (item.value / max) * (W - label - right)));
+      r.setAttribute("height", row - 6);
+      r.setAttribute("fill", COLORS[0]);
+      r.setAttribute("class", "bar");
+      const value = document.createElementNS(SVG, "text");
+      value.setAttribute("x", W - 4);
+      value.setAttribute("y", y + row / 2 + 4);
+      value.setAttribute("text-anchor", "end");
+      value.textContent = fmt(item.value);
+      svg.append(name, r, value);
+    });
+    if (!items.length) {
+      const t = document.createElementNS(SVG, "text");
+      t.setAttribute("x", 8);
+      t.setAttribute("y", 20);
+      t.textContent = "No spend yet.";
+      svg.appendChild(t);
     }
     box.replaceChildren(svg);
   }
@@ -436,8 +478,8 @@
     if (chosen) select.value = chosen;
     const top = [...spend.data].sort((a, b) => b.cost_micro - a.cost_micro).slice(0, 20);
     const names = new Map(list.map((t) => [t.tenant_id, t.name]));
-    drawBars($("spend-chart"), top.map((g) => ({ label: names.get(g.key) || g.key, parts: [g.cost_micro] })),
-      ["spend"], (v) => `${credits(v)} credits`);
+    drawHBars($("spend-chart"), top.map((g) => ({ label: names.get(g.key) || g.key, value: g.cost_micro })),
+      (v) => `${credits(v)} credits`);
     fillTable("apps", apps.data, (tr, a) => {
       cell(tr, a.name);
       cell(tr, a.kind);

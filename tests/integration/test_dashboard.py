@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,6 +77,18 @@ def sign_in(driver: Any, stack: Stack, key: str) -> None:
     by_id(driver, "sign-in").submit()
 
 
+def refused_soon(stack: Stack, key: str, within_s: float = 15) -> bool:
+    """Whether a revoked key is refused (401) within ``within_s``: every replica's key cache forgets it
+    within its ttl (README: within 5 s)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        resp = httpx.get(stack.v1 + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        if resp.status_code == 401:
+            return True
+        time.sleep(0.25)
+    return False
+
+
 def shown_micro(driver: Any, id_: str) -> int:
     return int(by_id(driver, id_).get_attribute("data-micro") or -1)
 
@@ -102,9 +115,10 @@ def test_a_tenant_sees_its_balance_drop_by_a_requests_cost_and_the_request_liste
     # A request from the page; it waits until the request is listed, then refreshes from the API.
     Select(by_id(browser, "try-model")).select_by_value(MODEL)
     by_id(browser, "try-max").clear()
-    by_id(browser, "try-max").send_keys("8")
-    by_id(browser, "try").submit()
+    by_id(browser, "try-max").send_keys("16")
+    by_id(browser, "try").submit()  # the README's question, at temperature 0
     request_id = wait(browser, lambda d: by_id(d, "try-answer").get_attribute("data-request-id"), why="an answer")
+    assert "Paris" in by_id(browser, "try-answer").text  # the page shows the right answer (golden, as in CI)
     row = f'#requests tr[data-request-id="{request_id}"]'
     wait(browser, lambda d: d.execute_script(f"return !!document.querySelector('{row}')"), why="the request listed")
     assert not by_id(browser, "error").is_displayed(), by_id(browser, "error").text
@@ -139,8 +153,7 @@ def test_a_tenant_sees_its_balance_drop_by_a_requests_cost_and_the_request_liste
     cell = f'#keys tr[data-key-id="{key_id}"] td:nth-child(4)'
     wait(browser, lambda d: d.execute_script(f"return document.querySelector('{cell}').textContent").startswith(
         "revoked"), why="the key revoked")  # fmt: skip
-    models = httpx.get(stack.v1 + "/models", headers={"Authorization": f"Bearer {new_key}"}, timeout=30)
-    assert models.status_code == 401, models.text
+    assert refused_soon(stack, new_key)
 
     # Nothing came from anywhere but the stack (no CDN), and the console had no error.
     origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
@@ -191,6 +204,6 @@ def test_a_tenant_lists_and_revokes_only_its_own_keys(stack: Stack) -> None:
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "key_not_found", refused.text
     assert call("GET", "/keys", key_b).status_code == 200  # b's key still works
     assert call("DELETE", f"/keys/{id_b}", key_b).json()["revoked"] is True  # its own
-    assert call("GET", "/keys", key_b).status_code == 401
+    assert refused_soon(stack, key_b)
     admin_listed = admin(stack, "GET", f"/admin/tenants/{b}/keys")["data"]
     assert [k["revoked_at"] is not None for k in admin_listed] == [True]

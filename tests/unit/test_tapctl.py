@@ -73,7 +73,8 @@ def test_a_private_tap_routes_tenants_to_the_stacks_ledger_shards() -> None:
     base = load_serve_config(REPO / "configs" / "local.yaml")
     base["applications"][0]["args"]["ledger_shards"] = 4
     spec = TapSpec(client="acme", model="org/model", gpus=1, billing="credits")
-    private = desired_config(base, {"acme": {"spec": spec.model_dump(mode="json")}})["applications"][1]
+    apps = desired_config(base, {"acme": {"spec": spec.model_dump(mode="json")}})["applications"]
+    private = next(a for a in apps if a["name"] == "private-acme")
     assert private["args"]["ledger_shards"] == 4
     assert tap_config(TapSpec.model_validate(private["args"])).ledger_shards == 4  # what its gateway uses
     other = spec.model_copy(update={"ledger_shards": 2})
