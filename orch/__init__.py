@@ -2,7 +2,12 @@
 
 The public surface is pinned here; everything else is an implementation module
 (``tests/unit/test_public_api.py`` asserts this list, so a change to it is a deliberate diff).
+The SDK (:mod:`orch.sdk`: ``Client``, ``AsyncClient``, ``AdminClient`` and the typed errors a caller
+catches, ``InsufficientCredits`` and ``RateLimited``) loads on first use, with the ``openai`` package;
+the server's own errors of those names are in :mod:`orch.errors`.
 """
+
+from typing import Any
 
 from orch.config import (
     AutoscalingConfig,
@@ -13,13 +18,16 @@ from orch.config import (
     TapConfig,
 )
 from orch.engine import Delta, Engine, EngineStats, GenerationRequest, VLLMEngine
-from orch.errors import APIError, EngineUnavailable, InsufficientCredits, InvalidRequest, NotFound, RateLimited
+from orch.errors import APIError, EngineUnavailable, InvalidRequest, NotFound
 from orch.models import DEFAULT_MODEL_NAME, materialise_default_model, resolve_model_source
 from orch.serve_config import load_serve_config
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "APIError",
+    "AdminClient",
+    "AsyncClient",
+    "Client",
     "AutoscalingConfig",
     "ConfigError",
     "Delta",
@@ -40,3 +48,13 @@ __all__ = [
     "materialise_default_model",
     "resolve_model_source",
 ]
+
+_SDK = {"AdminClient", "AsyncClient", "Client", "InsufficientCredits", "RateLimited"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SDK:
+        from orch import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'orch' has no attribute {name!r}")

@@ -291,7 +291,8 @@ class DashboardConfig(StrictModel):
     api_base: str = Field(
         "", pattern=r"^(/[A-Za-z0-9._~/-]*)?$", description="Path of the tap whose API the page calls ('' = '/')."
     )
-    num_cpus: float = Field(0.05, ge=0, le=4)
+    # It only serves three files; a fraction of a CPU would come out of what the taps' replicas can reserve.
+    num_cpus: float = Field(0, ge=0, le=4)
 
 
 def load_args(model: type[StrictModel], args: dict[str, Any], where: str = "args") -> Any:

@@ -58,8 +58,37 @@ class Unauthorized(APIError):
 
 
 class InsufficientCredits(APIError):
+    """402: the request's worst case (``hold_micro_credits``) does not fit what the tenant has free
+    (``balance_micro_credits``); both ride in the error body beside the OpenAI fields, for the SDK.
+
+    >>> InsufficientCredits("No.", hold=53, balance=40).body()["error"]["hold_micro_credits"]
+    53
+    """
+
     status = 402
     type = "insufficient_quota"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, hold: int | None = None,
+        balance: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message, param=param, code=code)
+        self.hold, self.balance = hold, balance
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        if self.hold is not None:
+            body["error"] |= {"hold_micro_credits": self.hold, "balance_micro_credits": self.balance}
+        return body
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_insufficient, (self.message, self.param, self.code, self.hold, self.balance))
+
+
+def _rebuild_insufficient(
+    message: str, param: str | None, code: str | None, hold: int | None, balance: int | None
+) -> InsufficientCredits:
+    return InsufficientCredits(message, param=param, code=code, hold=hold, balance=balance)
 
 
 class Forbidden(APIError):

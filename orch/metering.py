@@ -251,6 +251,8 @@ class Admission:
                 f"Insufficient credits: this request may cost up to {amount} micro-credits ({why}); "
                 f"{result.available + lease_free} micro-credits are free. Add credits, or lower max_tokens.",
                 code="insufficient_credits",
+                hold=amount,
+                balance=result.available + lease_free,
             )
         if not result.ok:
             raise Forbidden(f"This key's tenant cannot be billed ({result.code.value}).", code=result.code.value)

@@ -233,6 +233,9 @@ def _aware(at: datetime | None) -> datetime | None:
     return None if at is None else at.replace(tzinfo=UTC)
 
 
+USAGE_STRUCT = pa.struct(list(USAGE_ARROW))  # a UsageRow, as pyarrow converts a tuple
+
+
 def _table(schema: pa.Schema, columns: Sequence[Sequence[Any]]) -> pa.Table:
     arrays = [pa.array(col, type=f.type) for f, col in zip(schema, columns, strict=True)]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -302,7 +305,8 @@ class Store:
         if batch.usage:
             if any(row.ts.tzinfo is None for row in batch.usage):
                 raise ValueError("usage timestamps must be timezone-aware")  # Arrow would store local time
-            usage_table = _table(USAGE_ARROW, list(zip(*batch.usage, strict=True)))
+            # Rows straight into one struct array: half the time of transposing them into columns first.
+            usage_table = pa.Table.from_struct_array(pa.array(batch.usage, type=USAGE_STRUCT))
         con = self._con
         con.execute("BEGIN TRANSACTION")
         try:

@@ -82,9 +82,26 @@ class Gate:
 
         self._handle = serve.get_deployment_handle(f"model-{TINY}", app_name=f"private-{client}")
 
-    def _queued(self, tenant: str) -> int:
+    def _stats(self) -> dict[str, Any]:
         admission: dict[str, Any] = self._handle.admission_stats.remote().result(timeout_s=30)  # no engine stats
-        return sum(q["queued"].get(tenant, 0) for q in admission.values())
+        return admission
+
+    def _queued(self, tenant: str) -> int:
+        return sum(q["queued"].get(tenant, 0) for q in self._stats().values())
+
+    def warm(self) -> Gate:
+        """One call first: a new handle takes seconds to learn its replicas, longer than a flood lasts."""
+        self._stats()
+        return self
+
+    async def wait_for_running(self, at_least: int, timeout_s: float = 60) -> int:
+        """Waits until the gate runs ``at_least`` requests; returns how many it runs."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = sum(q["running"] for q in (await asyncio.to_thread(self._stats)).values())
+            if running >= at_least or time.monotonic() > deadline:
+                return running
+            await asyncio.sleep(0.02)
 
     async def wait_for_queue(self, tenant: str, at_least: int, timeout_s: float = 60) -> int:
         """Waits until ``tenant`` has ``at_least`` requests waiting; returns how many it has."""

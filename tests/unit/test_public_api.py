@@ -6,6 +6,9 @@ def test_public_surface_is_pinned() -> None:
         [
             "DEFAULT_MODEL_NAME",
             "APIError",
+            "AdminClient",
+            "AsyncClient",
+            "Client",
             "AutoscalingConfig",
             "ConfigError",
             "Delta",
@@ -36,5 +39,6 @@ def test_importing_orch_does_not_import_the_engine() -> None:
     import sys
 
     code = "import sys, orch; print('vllm' in sys.modules, 'ray' in sys.modules, 'torch' in sys.modules)"
+    code += "; print('openai' in sys.modules); orch.Client; print('openai' in sys.modules)"  # the SDK, on use
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False", "False"]
+    assert out.split() == ["False", "False", "False", "False", "True"]
