@@ -141,8 +141,13 @@ class AccountAPI:
     async def revoke_own_key(self, request: Request, principal: Principal, key_id: str) -> Response:
         """``DELETE /v1/keys/{key_id}``: revokes one of the tenant's own keys (another tenant's is a 404, as
         if it did not exist)."""
+        return await self._revoke(key_id, owner=principal.tenant_id)
+
+    async def _revoke(self, key_id: str, owner: str | None = None) -> Response:
+        """Revokes the key (of ``owner`` only, when given: another tenant's key is a 404 like a missing one)
+        and forgets it on this replica at once; other replicas refuse it within their key cache's ttl."""
         record = await self._ledger.get_key(key_id)
-        if record is None or record.tenant_id != principal.tenant_id:
+        if record is None or owner not in (None, record.tenant_id):
             raise NotFound(f"No key '{key_id}'.", code="key_not_found")
         await self._ledger.tenant_call(record.tenant_id, "revoke_key", key_id)
         self._keys.forget(key_id)
@@ -243,12 +248,7 @@ class AccountAPI:
         return JSONResponse({"object": "tenant_policy", "tenant_id": tenant_id, **policy})
 
     async def revoke_key(self, request: Request, principal: Principal, key_id: str) -> Response:
-        record = await self._ledger.get_key(key_id)
-        if record is None:
-            raise NotFound(f"No key '{key_id}'.", code="key_not_found")
-        await self._ledger.tenant_call(record.tenant_id, "revoke_key", key_id)
-        self._keys.forget(key_id)
-        return JSONResponse({"object": "api_key", "key_id": key_id, "revoked": True})
+        return await self._revoke(key_id)
 
     async def revoke_tap_keys(self, request: Request, principal: Principal, tap: str) -> Response:
         """Revokes every key of ``tap`` on every shard (``tap delete``: a reused name gets no old keys)."""

@@ -120,6 +120,12 @@ def usage_table(report: dict[str, Any]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=USAGE_EXPORT_ARROW)
 
 
+def _usage_query(since: str | None, until: str | None, group_by: str | None, limit: int | None) -> dict[str, Any]:
+    """The query of a usage report: the parameters given."""
+    given = {"since": since, "until": until, "group_by": group_by, "limit": limit}
+    return {name: value for name, value in given.items() if value}
+
+
 class _Routes:
     """The tap's own routes, once for both clients: each builds a call and shapes its answer; ``_call``
     runs it (at once in :class:`Client`, as an awaitable in :class:`AsyncClient`)."""
@@ -136,7 +142,7 @@ class _Routes:
               limit: int | None = None, as_table: bool = False) -> Any:  # fmt: skip
         """The usage report (``group_by``: day, model, user, day_model; else the latest ``limit`` requests);
         ``as_table``: the requests as a pyarrow table in the export's schema."""
-        params = {k: v for k, v in {"since": since, "until": until, "group_by": group_by, "limit": limit}.items() if v}
+        params = _usage_query(since, until, group_by, limit)
         return self._call("get", "/v1/usage", params=params, shape=usage_table if as_table else lambda x: x)
 
     def keys(self) -> Any:
@@ -185,7 +191,7 @@ class _AdminRoutes(_Routes):
         group_by: str | None = None, limit: int | None = None, as_table: bool = False,
     ) -> Any:  # fmt: skip
         """One tenant's usage report, or (``tenant_id`` None) the report across every tenant."""
-        params = {k: v for k, v in {"since": since, "until": until, "group_by": group_by, "limit": limit}.items() if v}
+        params = _usage_query(since, until, group_by, limit)
         path = f"/admin/tenants/{tenant_id}/usage" if tenant_id else "/admin/usage"
         return self._call("get", path, params=params, shape=usage_table if as_table else lambda x: x)
 
