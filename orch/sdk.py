@@ -200,21 +200,25 @@ class _AdminRoutes(_Routes):
         return self._call("get", "/admin/taps")
 
 
+def _send_args(method: str, body: dict[str, Any] | None, params: dict[str, Any] | None) -> dict[str, Any]:
+    """What the ``openai`` client's low-level ``get``/``post``/``delete`` take for one call of a route:
+    the JSON answered as is, the query of a GET, the body (its None fields left out) of the others."""
+    if method == "get":
+        return {"cast_to": object, "options": {"params": params} if params else {}}
+    return {"cast_to": object, "body": {k: v for k, v in (body or {}).items() if v is not None}}
+
+
 class _Sync:
     openai: TapOpenAI
 
-    def __init__(self, base_url: str, api_key: str, tap: str | None, **openai_options: Any) -> None:
+    def __init__(self, base_url: str, api_key: str, tap: str | None = None, **openai_options: Any) -> None:
         self.base_url = tap_url(base_url, tap)
         self.openai = TapOpenAI(base_url=self.base_url + "/v1", api_key=api_key, **openai_options)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               params: dict[str, Any] | None = None, shape: Callable[[Any], Any] = lambda x: x) -> Any:  # fmt: skip
-        send = getattr(self.openai, method)
-        options = {"params": params} if params else {}
-        url = self.base_url + path  # absolute: admin routes sit beside /v1
-        if method == "get":
-            return shape(send(url, cast_to=object, options=options))
-        return shape(send(url, cast_to=object, body={k: v for k, v in (body or {}).items() if v is not None}))
+        # The URL is absolute: the admin routes sit beside /v1.
+        return shape(getattr(self.openai, method)(self.base_url + path, **_send_args(method, body, params)))
 
     def close(self) -> None:
         self.openai.close()
@@ -229,7 +233,7 @@ class _Sync:
 class _Async:
     openai: AsyncTapOpenAI
 
-    def __init__(self, base_url: str, api_key: str, tap: str | None, **openai_options: Any) -> None:
+    def __init__(self, base_url: str, api_key: str, tap: str | None = None, **openai_options: Any) -> None:
         self.base_url = tap_url(base_url, tap)
         self.openai = AsyncTapOpenAI(base_url=self.base_url + "/v1", api_key=api_key, **openai_options)
 
@@ -241,15 +245,10 @@ class _Async:
         params: dict[str, Any] | None = None,
         shape: Callable[[Any], Any] = lambda x: x,
     ) -> Awaitable[Any]:
-        send = getattr(self.openai, method)
-        options = {"params": params} if params else {}
-        url = self.base_url + path
-        clean = {k: v for k, v in (body or {}).items() if v is not None}
+        sent = getattr(self.openai, method)(self.base_url + path, **_send_args(method, body, params))
 
         async def call() -> Any:
-            if method == "get":
-                return shape(await send(url, cast_to=object, options=options))
-            return shape(await send(url, cast_to=object, body=clean))
+            return shape(await sent)
 
         return call()
 
@@ -286,18 +285,13 @@ class _Inference:
 
 
 class Client(_Sync, _Inference, _Routes):
-    """A tenant's client of a tap (``tap``: a private tap's client name; None: the public tap).
-    ``openai_options`` go to the ``openai`` client (``timeout``, ``max_retries``, ...)."""
-
-    def __init__(self, base_url: str, api_key: str, tap: str | None = None, **openai_options: Any) -> None:
-        super().__init__(base_url, api_key, tap, **openai_options)
+    """A tenant's client of a tap: ``Client(base_url, api_key, tap=None, **openai_options)``; ``tap``: a
+    private tap's client name (None: the public tap); ``openai_options`` go to the ``openai`` client
+    (``timeout``, ``max_retries``, ...)."""
 
 
 class AsyncClient(_Async, _Inference, _Routes):
     """:class:`Client` for asyncio: the same methods, awaited."""
-
-    def __init__(self, base_url: str, api_key: str, tap: str | None = None, **openai_options: Any) -> None:
-        super().__init__(base_url, api_key, tap, **openai_options)
 
 
 class AdminClient(_Sync, _AdminRoutes):
