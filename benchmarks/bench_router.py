@@ -14,7 +14,8 @@ one replica, its engine batch = ``--batch`` = ``admission.max_running``) and run
    in every phase, so fair share's cost compares like with like.
 
 Phase "fair share on" and phase "fair share off" (``admission.fair_share: false``, first come first
-served) differ in nothing else.
+served) differ in nothing else; ``admission.reserve`` (``--reserve``, 1) applies with fair share only, so
+"on" fills ``batch - reserve`` places from A's queue and keeps the rest for B.
 
 Then prefix affinity (``--prefix-docs``, 0 to skip): the chat model on two replicas behind a gateway
 deployment, ``routing: prefix`` vs Serve's default choice; ``--clients`` clients send prompts that share
@@ -44,13 +45,13 @@ from benchmarks.servers import REPO, free_port, orch_cli, stop_group, wait_ready
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 
 
-def config(port: int, batch: int, fair: bool, out: Path) -> Path:
+def config(port: int, batch: int, fair: bool, reserve: int, out: Path) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     cfg["http_options"]["port"] = port
     args = cfg["applications"][0]["args"]
     args["models"] = [m for m in args["models"] if m.get("task", "generate") == "generate"][:1]
     args["models"][0]["engine"]["max_num_seqs"] = batch
-    args["admission"] = {"max_running": batch, "fair_share": fair, "max_queue": 16 * batch}
+    args["admission"] = {"max_running": batch, "fair_share": fair, "max_queue": 16 * batch, "reserve": reserve}
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
 
@@ -218,7 +219,7 @@ def tenant(base: str, admin_key: str) -> str:
 
 def phase(label: str, fair: bool, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     try:
-        with stack(label, lambda port, out: config(port, args.batch, fair, out), log_dir) as (base, data):
+        with stack(label, lambda port, out: config(port, args.batch, fair, args.reserve, out), log_dir) as (base, data):
             key_a = (data / "demo_key").read_text().strip()
             key_b = tenant(base, (data / "admin_key").read_text().strip())
             url = base + "/v1/chat/completions"
@@ -232,6 +233,12 @@ def phase(label: str, fair: bool, args: argparse.Namespace, log_dir: Path) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="engine batch = admission.max_running")
+    parser.add_argument(
+        "--reserve",
+        type=int,
+        default=1,
+        help="admission.reserve: places kept for a tenant with nothing running (fair share on only)",
+    )
     parser.add_argument("--light", type=int, default=8, help="the light tenant's sequential requests")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per flood request")
     parser.add_argument("--window", type=float, default=30.0, help="seconds over which A's throughput is measured")

@@ -3,6 +3,10 @@ bounded queue, ordered by priority class (``interactive`` before ``batch``), the
 across tenants (start-time fair queueing), not by arrival; past the bound, or when the wait it
 predicts from the measured drain rate is too long, a 429 that says when to come back.
 
+With fair share, the last ``reserve`` places of the batch are never filled from the queue: they are kept
+for a request whose tenant runs nothing, which then starts at the engine's next step instead of waiting for
+one of a flood's requests to end (on a small batch a place frees only every few steps).
+
 A queued request holds no credits (the front holds after admission) and a client that leaves while
 queued leaves the queue. When the engine has room and nobody waits, :meth:`AdmissionQueue.enter`
 returns at once: a counter, no await, no lock.
@@ -14,7 +18,7 @@ returns at once: a counter, no await, no lock.
 ...     later = asyncio.ensure_future(queue.enter("b"))
 ...     await asyncio.sleep(0)
 ...     waiting = queue.waiting
-...     queue.leave()                # a's request ended: b's starts
+...     queue.leave("a")             # a's request ended: b's starts
 ...     await later
 ...     return waiting, queue.running
 >>> asyncio.run(demo())
@@ -49,6 +53,11 @@ class AdmissionSettings:
     max_wait_s: float = 60.0  # a request whose predicted wait is longer gets 429 at once
     fair_share: bool = True  # False: first come, first served within a priority class
     weights: dict[str, float] = field(default_factory=dict)  # tenant id -> weight (default 1)
+    reserve: int = 0  # places of max_running kept for a tenant with nothing running (fair share only)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reserve < self.max_running:
+            raise ValueError(f"reserve must be in [0, max_running): {self.reserve} of {self.max_running}")
 
 
 @dataclass(slots=True)
@@ -100,6 +109,8 @@ class AdmissionQueue:
     def __init__(self, settings: AdmissionSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.running = 0
+        self._fill = settings.max_running - (settings.reserve if settings.fair_share else 0)  # from the queue
+        self._running_by: dict[str, int] = {}  # tenant -> requests running
         self._heap: list[tuple[int, float, int, _Waiter]] = []
         self._finish: dict[tuple[int, str], float] = {}  # (class, tenant) -> finish tag of its last queued request
         self._virtual = [0.0, 0.0]  # per class: start tag of the request admitted last
@@ -120,10 +131,13 @@ class AdmissionQueue:
     async def enter(self, tenant: str, priority: Priority = "interactive", weight: float | None = None) -> None:
         """Returns when the request may run; 429 (:class:`RateLimited`) when it cannot wait. ``weight``:
         the tenant's fair-share weight from the admin API, else the settings', else 1."""
-        if self.running < self.settings.max_running and not self.waiting:
-            self.running += 1
+        if self.running < self._fill and not self.waiting:
+            self._start(tenant)
             return
         rank = _RANK[priority]
+        if self.running < self.settings.max_running and self._may_take_reserve(tenant, rank):
+            self._start(tenant)
+            return
         self._check_room(rank, tenant)
         seq = next(self._seq)
         if self.settings.fair_share:
@@ -138,20 +152,38 @@ class AdmissionQueue:
         try:
             await waiter.future  # or RateLimited: pushed out of a full queue for a lighter tenant's request
         except asyncio.CancelledError:
-            if waiter.future.done() and not waiter.future.cancelled():
-                self.leave()  # admitted as it was cancelled: give the place on
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.leave(tenant)  # admitted as it was cancelled: give the place on
             elif not waiter.gone:
                 self._forget(waiter, rank)
             raise
 
-    def leave(self) -> None:
-        """A request that entered ended (however): the next one waiting starts."""
-        if self.running >= self.settings.max_running or self.waiting:
+    def _start(self, tenant: str) -> None:
+        self.running += 1
+        self._running_by[tenant] = self._running_by.get(tenant, 0) + 1
+
+    def _may_take_reserve(self, tenant: str, rank: int) -> bool:
+        """A reserved place: for a tenant with nothing running or waiting, when no higher class waits."""
+        return (
+            self._fill < self.settings.max_running
+            and not self._running_by.get(tenant)
+            and not self._queued.get(tenant)
+            and not any(self._by_rank[:rank])
+        )
+
+    def leave(self, tenant: str) -> None:
+        """A request of ``tenant`` that entered ended (however): the next one waiting starts."""
+        if self.running >= self._fill or self.waiting:
             self.drain.tick()  # the drain rate is measured while the engine is full
         else:
             self.drain.pause()
         self.running -= 1
-        while self._heap and self.running < self.settings.max_running:
+        if (left := self._running_by[tenant] - 1) > 0:
+            self._running_by[tenant] = left
+        else:
+            del self._running_by[tenant]
+        while self._heap and self.running < self._fill:
             rank, start, _, waiter = heapq.heappop(self._heap)
             if waiter.gone:
                 self._gone -= 1
@@ -165,7 +197,7 @@ class AdmissionQueue:
             if self.settings.fair_share:
                 self._virtual[rank] = max(self._virtual[rank], start)
                 self._prune(waiter.tenant, rank)
-            self.running += 1
+            self._start(waiter.tenant)
             waiter.future.set_result(None)
 
     def _forget(self, waiter: _Waiter, rank: int) -> None:
@@ -240,7 +272,8 @@ def admission_settings(tap: TapConfig, model: ModelConfig) -> AdmissionSettings:
     running = a.max_running or model.engine.max_num_seqs
     if not tap.colocated:  # each of the gateway's replicas gates its share of the model's replicas' batches
         running = math.ceil(running * model.autoscaling.max_replicas / tap.gateway.num_replicas)
-    return AdmissionSettings(running, a.max_queue, a.max_wait_s, a.fair_share, dict(a.weights))
+    reserve = min(running // 64 if a.reserve is None else a.reserve, running - 1)
+    return AdmissionSettings(running, a.max_queue, a.max_wait_s, a.fair_share, dict(a.weights), reserve)
 
 
 def request_priority(header: str | None, floor: str | None = None) -> Priority:

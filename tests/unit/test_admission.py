@@ -30,9 +30,10 @@ async def _queue_up(queue: AdmissionQueue, order: list[str], requests: list[tupl
     return tasks
 
 
-async def _drain(queue: AdmissionQueue, tasks: list[asyncio.Task]) -> None:
-    for _ in tasks:
-        queue.leave()
+async def _drain(queue: AdmissionQueue, tasks: list[asyncio.Task], order: list[str], first: str) -> None:
+    """With one place: ends the running request (``first``'s), then each admitted one in turn."""
+    for i in range(len(tasks)):
+        queue.leave(first if i == 0 else order[i - 1].rstrip("0123456789"))
         await asyncio.sleep(0)
 
 
@@ -42,7 +43,7 @@ def test_a_light_tenant_is_not_queued_behind_a_flood() -> None:
         await queue.enter("a")  # the engine is full
         order: list[str] = []
         tasks = await _queue_up(queue, order, [("a", "interactive")] * 6 + [("b", "interactive")])
-        await _drain(queue, tasks)
+        await _drain(queue, tasks, order, "a")
         await asyncio.gather(*tasks)
         return order
 
@@ -56,7 +57,7 @@ def test_weights_share_admissions_in_proportion() -> None:
         await queue.enter("x")
         order: list[str] = []
         tasks = await _queue_up(queue, order, [("a", "interactive")] * 8 + [("b", "interactive")] * 8)
-        await _drain(queue, tasks)
+        await _drain(queue, tasks, order, "x")
         await asyncio.gather(*tasks)
         return order
 
@@ -70,7 +71,7 @@ def test_interactive_requests_start_before_queued_batch_ones() -> None:
         await queue.enter("x")
         order: list[str] = []
         tasks = await _queue_up(queue, order, [("a", "batch")] * 3 + [("b", "interactive")] * 2)
-        await _drain(queue, tasks)
+        await _drain(queue, tasks, order, "x")
         await asyncio.gather(*tasks)
         return order
 
@@ -86,7 +87,7 @@ def test_a_client_that_leaves_while_queued_leaves_the_queue() -> None:
         tasks[0].cancel()
         await asyncio.sleep(0)
         waiting = queue.waiting
-        queue.leave()  # x ended: b starts, a's place is skipped
+        queue.leave("x")  # x ended: b starts, a's place is skipped
         await tasks[1]
         return waiting, queue.running, order
 
@@ -101,9 +102,9 @@ def test_past_the_bound_or_the_wait_limit_a_429_says_when_to_come_back() -> None
         tasks = await _queue_up(queue, [], [("a", "interactive")] * 2)
         with pytest.raises(RateLimited) as full:
             await queue.enter("a")
-        for _ in range(2):  # two requests ended 1 s apart: 1 request/s drains
+        for tenant in ("x", "a"):  # two requests ended 1 s apart: 1 request/s drains
             clock.now += 1.0
-            queue.leave()
+            queue.leave(tenant)
             await asyncio.sleep(0)
         await asyncio.gather(*tasks)
         slow = AdmissionQueue(AdmissionSettings(max_running=1, max_wait_s=2.0), clock)
@@ -131,10 +132,10 @@ def test_a_waiter_cancelled_just_before_its_turn_neither_runs_nor_leaks_a_place(
         order: list[str] = []
         tasks = await _queue_up(queue, order, [("a", "interactive"), ("b", "interactive")])
         tasks[0].cancel()
-        queue.leave()  # before a's task ran its handler
+        queue.leave("x")  # before a's task ran its handler
         await asyncio.sleep(0)
         await tasks[1]
-        queue.leave()  # b ended
+        queue.leave("b")  # b ended
         with pytest.raises(asyncio.CancelledError):
             await tasks[0]
         return queue.running, queue.waiting, order
@@ -200,10 +201,76 @@ def test_a_full_queue_refuses_the_flood_not_the_light_tenant() -> None:
         flood = await _queue_up(queue, order, [("a", "interactive")] * 3)  # the queue is full of a's
         light = await _queue_up(queue, order, [("b", "interactive")])
         outcome = await asyncio.gather(flood[-1], return_exceptions=True)  # a's newest was pushed out
-        await _drain(queue, [*flood[:2], *light])
+        await _drain(queue, [*flood[:2], *light], order, "x")
         await asyncio.gather(*flood[:2], *light)
         return order, outcome
 
     order, outcome = asyncio.run(run())
     assert isinstance(outcome[0], RateLimited) and outcome[0].retry_after_s
     assert sorted(order) == ["a0", "a1", "b0"] and order.index("b0") <= 1
+
+
+def test_a_reserved_place_starts_a_tenant_with_nothing_running_at_once() -> None:
+    async def run() -> tuple[bool, bool, bool, list[str]]:
+        queue = AdmissionQueue(AdmissionSettings(max_running=3, reserve=1))
+        await queue.enter("a")
+        await queue.enter("a")  # the places the queue fills are full
+        order: list[str] = []
+        flood = await _queue_up(queue, order, [("a", "interactive")] * 2)
+        light = asyncio.ensure_future(queue.enter("b"))  # b runs nothing: the reserved place
+        await asyncio.sleep(0)
+        b_started = light.done()
+        second = asyncio.ensure_future(queue.enter("b"))  # b runs one now: it queues, by its fair share
+        batch = asyncio.ensure_future(queue.enter("c", "batch"))  # interactive ones wait: no reserve for batch
+        await asyncio.sleep(0)
+        queued = not second.done() and not batch.done()
+        queue.leave("a")  # 2 run (a, b): the queue fills no place, the reserve stays free
+        await asyncio.sleep(0)
+        reserve_kept = queue.running == 2 and not second.done() and not order
+        queue.leave("b")  # b's first ended: a place to fill, by the tags (a's first, then b's second)
+        await asyncio.sleep(0)
+        for task in [*flood, second, batch]:
+            task.cancel()
+        await asyncio.gather(*flood, second, batch, return_exceptions=True)
+        return b_started, queued, reserve_kept, order
+
+    assert asyncio.run(run()) == (True, True, True, ["a0"])
+
+
+def test_without_fair_share_no_place_is_reserved() -> None:
+    async def run() -> tuple[int, bool]:
+        queue = AdmissionQueue(AdmissionSettings(max_running=2, reserve=1, fair_share=False))
+        await queue.enter("a")
+        await queue.enter("a")  # both places: first come, first served
+        light = asyncio.ensure_future(queue.enter("b"))
+        await asyncio.sleep(0)
+        light.cancel()
+        return queue.running, light.done() and not light.cancelled()
+
+    assert asyncio.run(run()) == (2, False)
+
+
+def test_the_reserve_must_leave_a_place_to_fill() -> None:
+    with pytest.raises(ValueError, match="reserve"):
+        AdmissionSettings(max_running=1, reserve=1)
+
+
+def test_a_request_pushed_out_then_cancelled_gives_back_no_place() -> None:
+    """Found with the reserve: a waiter refused for a lighter tenant (its future holds the 429) and cancelled
+    before its task ran took the "admitted as it was cancelled" branch and freed a place it never had."""
+
+    async def run() -> tuple[int, int]:
+        queue = AdmissionQueue(AdmissionSettings(max_running=1, max_queue=2))
+        await queue.enter("x")
+        flood = await _queue_up(queue, [], [("a", "interactive")] * 2)
+        light = asyncio.ensure_future(queue.enter("b"))  # pushes a's newest out
+        await asyncio.sleep(0)
+        flood[1].cancel()  # before its task heard of the 429
+        await asyncio.sleep(0)
+        running = queue.running
+        for task in [flood[0], light]:
+            task.cancel()
+        await asyncio.gather(*flood, light, return_exceptions=True)
+        return running, queue.waiting
+
+    assert asyncio.run(run()) == (1, 0)
