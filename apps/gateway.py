@@ -50,12 +50,14 @@ from orch.errors import (
     NotFound,
     RateLimited,
 )
+from orch.hooks import Call, load_hooks
 from orch.lease import Leases, LeaseSettings
 from orch.ledger import Price, cost
 from orch.metering import Admission, Meter, Settler
-from orch.protocol import ChatCompletionRequest, CompletionRequest, chat_texts, parse_request
+from orch.protocol import ChatCompletionRequest, CompletionRequest, chat_texts, json_object, parse_request
 from orch.ratelimit import Decision, Policy
 from orch.responses import Choice, ChunkWriter, chat_completion, new_id, text_completion
+from orch.store import UsageRow
 from orch.tools import merge_fragments
 
 log = logging.getLogger("ray.serve")
@@ -102,7 +104,9 @@ class OpenAIFront:
         self._leases = None
         if tap.billing == "credits" and tap.credit_leases:
             self._leases = Leases(self._ledger, self._tap, LeaseSettings(ttl_s=tap.lease_ttl_s))
-        self._settler = Settler(self._ledger, self._tap, leases=self._leases)
+        self._hooks = load_hooks(tap.hooks)  # None when the tap names none: the request path checks only that
+        observe = self._post_call if self._hooks is not None and self._hooks.has_post else None
+        self._settler = Settler(self._ledger, self._tap, leases=self._leases, observe=observe)
         self._admission = Admission(self._ledger, self._settler, self._leases, hold_timeout_s=tap.hold_timeout_s)
         self._settle = self._settler.settle
         tenant = "tenant"
@@ -176,7 +180,11 @@ class OpenAIFront:
     # ---- models and health ------------------------------------------------------------------------
 
     def _model_card(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self._created, "owned_by": "llama-orch"}
+        """OpenAI's model object, and the model's prices (micro-credits per 1M tokens: what a client
+        needs to bound its spend, as the SDK's batch runner does)."""
+        price = self._prices[name]
+        pricing = {"input_per_m": price.input_per_m, "output_per_m": price.output_per_m, "unit": "micro_credits"}
+        return {"id": name, "object": "model", "created": self._created, "owned_by": "llama-orch", "pricing": pricing}
 
     async def _list_models(self, request: Request, principal: Principal) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card(name) for name in self._models]})
@@ -208,8 +216,24 @@ class OpenAIFront:
 
     # ---- completions ------------------------------------------------------------------------------
 
+    async def _body(self, request: Request, principal: Principal, route: str) -> bytes | dict[str, Any]:
+        """The request's body, through the tap's ``pre_call`` hooks when it has any."""
+        body = await read_body(request)
+        if self._hooks is None:
+            return body
+        return await self._hooks.pre_call(
+            Call(principal.tenant_id, principal.key_id, self._tap, route), json_object(body)
+        )
+
+    def _post_call(self, meter: Meter, row: UsageRow) -> None:
+        assert self._hooks is not None
+        route = {"chatcmpl": "chat", "cmpl": "completions", "embd": "embeddings"}.get(
+            meter.request_id.split("-")[0], ""
+        )
+        self._hooks.post_call(Call(meter.principal.tenant_id, meter.principal.key_id, self._tap, route), row)
+
     async def _chat(self, request: Request, principal: Principal) -> Response:
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await read_body(request))
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._body(request, principal, "chat"))
         messages = [m.engine_message() for m in req.messages]
         tools = {
             "tools": req.tool_dicts(),
@@ -219,7 +243,7 @@ class OpenAIFront:
         return await self._complete(req, principal, new_id("chatcmpl"), request, chat=True, messages=messages, **tools)
 
     async def _completions(self, request: Request, principal: Principal) -> Response:
-        req: CompletionRequest = parse_request(CompletionRequest, await read_body(request))
+        req: CompletionRequest = parse_request(CompletionRequest, await self._body(request, principal, "completions"))
         return await self._complete(req, principal, new_id("cmpl"), request, chat=False, prompt=req.prompt)
 
     async def _complete(
@@ -247,10 +271,10 @@ class OpenAIFront:
         try:
             meter = await self._admit(principal, req, request_id, limits, bound)
         except BaseException:
-            queue.leave()
+            queue.leave(principal.tenant_id)
             self._count_tokens(principal, rate, request_id, 0)
             raise
-        meter.release = queue.leave if rate is None else self._leave_and_count(queue, meter, rate)  # at its settle
+        meter.release = self._leave_and_count(queue, meter, rate)  # at its settle
         meter.headers = rate.headers() if rate is not None else {}
         meter.t0 = http.scope["orch.t0"]
         meter.end_user = req.user
@@ -290,7 +314,7 @@ class OpenAIFront:
 
     async def _embeddings(self, request: Request, principal: Principal) -> Response:
         """``POST /v1/embeddings``: holds the cost of the inputs' token bound, pays for the counted tokens."""
-        req: EmbeddingRequest = parse_request(EmbeddingRequest, await read_body(request))
+        req: EmbeddingRequest = parse_request(EmbeddingRequest, await self._body(request, principal, "embeddings"))
         model = self._model(req.model, "embed")
         limits = await self._prompt_limits(req.model, model)
         inputs = req.inputs()
@@ -347,11 +371,14 @@ class OpenAIFront:
                               headers=decision.headers())  # fmt: skip
         return decision
 
-    def _leave_and_count(self, queue: AdmissionQueue, meter: Meter, rate: Decision) -> Callable[[], None]:
+    def _leave_and_count(self, queue: AdmissionQueue, meter: Meter, rate: Decision | None) -> Callable[[], None]:
         """At the settle: the engine place goes on, and the windows count the tokens the engine counted."""
+        tenant = meter.principal.tenant_id
+        if rate is None:
+            return lambda: queue.leave(tenant)
 
         def release() -> None:
-            queue.leave()
+            queue.leave(tenant)
             last = meter.last
             used = last.prompt_tokens + last.completion_tokens if last is not None else 0
             self._count_tokens(meter.principal, rate, meter.request_id, used)

@@ -196,6 +196,13 @@ class AdmissionConfig(StrictModel):
     max_wait_s: float = Field(60.0, gt=0, description="A request whose predicted wait is longer gets 429 at once.")
     fair_share: bool = Field(True, description="Weighted fair share across tenants; false: first come first served.")
     weights: dict[str, float] = Field(default_factory=dict, description="Tenant id -> fair-share weight (default 1).")
+    reserve: int | None = Field(
+        None,
+        ge=0,
+        description="Places of max_running the queue never fills, kept for a tenant with nothing running: it "
+        "starts at the engine's next step instead of waiting for a flood's request to end. They idle while one "
+        "tenant floods alone, so None: 1 per 64 (4 of vLLM's default batch of 256, 0 below 64); fair share only.",
+    )
     limits: dict[str, RateLimitConfig] = Field(
         default_factory=dict,
         description="Tenant id -> rate limits, counted across all the tap's replicas; the admin API's "
@@ -209,6 +216,13 @@ class AdmissionConfig(StrictModel):
         if bad:
             raise ValueError(f"weights must be > 0, got {bad[0]}: {weights[bad[0]]}")
         return weights
+
+
+class HookSpec(StrictModel):
+    """A gateway hook with options (``hooks: [{name: banned-words, options: {words: [...]}}]``)."""
+
+    name: str = Field(description="The llama_orch.hooks entry point's name.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the hook's class.")
 
 
 class TapConfig(StrictModel):
@@ -240,6 +254,11 @@ class TapConfig(StrictModel):
     )
     lease_ttl_s: int = Field(
         30, ge=10, le=3600, description="A lease's hold times out after this unless renewed (a dead replica's lease)."
+    )
+    hooks: list[str | HookSpec] = Field(
+        default_factory=list,
+        description="Gateway hooks (orch/hooks.py) from the llama_orch.hooks entry points, run in this order: "
+        "a name, or {name, options}.",
     )
     ledger_shards: int = Field(1, ge=1, le=64, description="Tenant ledger shards (actors and DuckDB files).")
     data_dir: str | None = Field(

@@ -97,8 +97,10 @@ class Settler:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         leases: Leases | None = None,
+        observe: Callable[[Meter, UsageRow], None] | None = None,
     ) -> None:
         self._ledger = ledger
+        self._observe = observe  # sees each settled request's row (the tap's post_call hooks)
         self._leases = leases
         self._tap = tap
         self._retry_s = retry_s
@@ -119,13 +121,18 @@ class Settler:
                     release()
                 except Exception:  # never in the way of the charge
                     log.exception("releasing %s's admission place failed", meter.request_id)
+            charge, row = self._usage(meter, status)
             if meter.lease is not None and self._leases is not None:
-                _, row = self._usage(meter, status)
                 self._leases.finish(meter.lease, meter.held, row)
                 meter.settled = asyncio.get_running_loop().create_future()
                 meter.settled.set_result(None)  # nothing to wait for on the request path
             else:
-                meter.settled = self._track(self._settle_now(meter, status))
+                meter.settled = self._track(self._settle_now(meter, charge, row))
+            if self._observe is not None:
+                try:
+                    self._observe(meter, row)
+                except Exception:  # never in the way of the charge
+                    log.exception("observing %s's settle failed", meter.request_id)
         return meter.settled
 
     def release(self, tenant_id: str, hold_id: str) -> None:
@@ -181,8 +188,7 @@ class Settler:
         )
         return charge, row
 
-    async def _settle_now(self, meter: Meter, status: str) -> None:
-        charge, row = self._usage(meter, status)
+    async def _settle_now(self, meter: Meter, charge: int, row: UsageRow) -> None:
         tenant = meter.principal.tenant_id
         op = Settle("settle-" + meter.request_id, meter.hold_id, charge) if meter.hold_id else None
         await self._commit(tenant, op, row, meter.request_id)

@@ -240,15 +240,16 @@ def chat_texts(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any
     return texts
 
 
-def parse_request(model: type[RequestModel], body: bytes) -> Any:
-    """Parses and validates a JSON body into ``model``; raises :class:`InvalidRequest` naming the parameter.
+def parse_request(model: type[RequestModel], body: bytes | dict[str, Any]) -> Any:
+    """Parses and validates a JSON body (or its object, parsed) into ``model``; raises
+    :class:`InvalidRequest` naming the parameter.
 
     >>> parse_request(ChatCompletionRequest, b'{"model": "m"}').messages
     Traceback (most recent call last):
     ...
     orch.errors.InvalidRequest: Missing required parameter: 'messages'.
     """
-    data = _json_object(body)
+    data = body if isinstance(body, dict) else json_object(body)
     try:
         request = model.model_validate(data)
     except ValidationError as exc:
@@ -257,7 +258,7 @@ def parse_request(model: type[RequestModel], body: bytes) -> Any:
     return request
 
 
-def _json_object(body: bytes, *, empty_is_object: bool = False) -> dict[str, Any]:
+def json_object(body: bytes, *, empty_is_object: bool = False) -> dict[str, Any]:
     """The JSON object of a body; 400 for anything else, nesting too deep for the parser included."""
     if empty_is_object and not body.strip():
         return {}
@@ -360,7 +361,7 @@ class GrantBody(_Body):
 
 def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """Parses a JSON body into ``model`` (an empty body is ``{}``); 400 naming the parameter."""
-    data = _json_object(body, empty_is_object=True)
+    data = json_object(body, empty_is_object=True)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

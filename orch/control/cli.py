@@ -8,6 +8,8 @@ llama-orch keys create TENANT_ID [--priority --rpm --tpm] | keys revoke KEY_ID
 llama-orch credits grant TENANT_ID MICRO_CREDITS
 llama-orch account TENANT_ID | usage TENANT_ID [--since --until --group-by day|model]
 llama-orch tap create CLIENT --model ID --gpus N [--min 1 --max 3] | tap list | tap scale | tap delete
+llama-orch tools list                         # the toolkit's tools from installed plugins
+llama-orch batch PROMPTS.jsonl --model M --out OUT.parquet [--cap MICRO_CREDITS]   # key: $LLAMA_ORCH_API_KEY
 
 The admin commands call the running stack's admin API with the admin key
 ($LLAMA_ORCH_ADMIN_KEY, else <data dir>/admin_key).
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from orch.config import ConfigError, data_dir
-from orch.control import cli_admin, cli_tap
+from orch.control import cli_admin, cli_tap, cli_toolkit
 from orch.control.cli_admin import AdminClient, admin_key, admin_key_source
 from orch.control.cluster import (
     ClusterState,
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop what `up` started")
     cli_admin.add_parsers(sub)
     cli_tap.add_parsers(sub)
+    cli_toolkit.add_parsers(sub)
     args = parser.parse_args(argv)
     root = data_dir(args.data_dir)
     try:
@@ -76,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_down(root)
         if args.command == "tap":
             return cli_tap.run(root, args)
+        if args.command == "tools":
+            return cli_toolkit.cmd_tools_list()
         record = read_up(root)
+        if args.command == "batch":
+            return cli_toolkit.cmd_batch(args, record["base_url"] if record else None)
         return cli_admin.run(root, args, record["base_url"] if record else None)
     except (ConfigError, RuntimeError, TimeoutError) as exc:
         print(f"llama-orch: {exc}", file=sys.stderr)
@@ -91,6 +98,7 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
     config = load_serve_config(config_path)
     config = _with_data_dir(config, root)
     _check_admin_key()
+    cli_toolkit.check_plugins(config)
     state = read_state(root)
     address = os.environ.get("RAY_ADDRESS") or None
     base = base_url(config)
