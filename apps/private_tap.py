@@ -42,6 +42,7 @@ def tap_config(spec: TapSpec) -> TapConfig:
         gateway=GatewayConfig(colocate=colocate, num_replicas=1 if colocate else spec.gateway_replicas),
         billing=spec.billing,
         admission=spec.admission,
+        hooks=spec.hooks,
         ledger_shards=spec.ledger_shards or 1,
         data_dir=spec.data_dir,
     )

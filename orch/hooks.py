@@ -113,7 +113,8 @@ class Hooks:
 
 
 def load_hooks(specs: list[Any]) -> Hooks | None:
-    """The hooks a tap's config names (entry point names, or ``{name, options}``); None for none.
+    """The hooks a tap's config names (entry point names, ``{name, options}`` dicts or ``HookSpec``s);
+    None for none.
     A hook that fails to load raises: a tap must not run without a guardrail it was configured with."""
     from orch.plugins import HOOKS, load
 
@@ -121,7 +122,12 @@ def load_hooks(specs: list[Any]) -> Hooks | None:
         return None
     hooks = []
     for spec in specs:
-        name, options = (spec, {}) if isinstance(spec, str) else (spec["name"], dict(spec.get("options") or {}))
+        if isinstance(spec, str):
+            name, options = spec, {}
+        elif isinstance(spec, dict):
+            name, options = spec["name"], dict(spec.get("options") or {})
+        else:  # orch.config.HookSpec, as a validated TapConfig holds them
+            name, options = spec.name, dict(spec.options)
         cls = load(HOOKS, name).value
         if not (inspect.isclass(cls) and issubclass(cls, Hook)):
             raise TypeError(f"the hook plugin {name!r} is not a subclass of orch.hooks.Hook: {cls!r}")

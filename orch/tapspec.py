@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from orch.config import AdmissionConfig, AutoscalingConfig, EngineConfig, PriceConfig, StrictModel
+from orch.config import AdmissionConfig, AutoscalingConfig, EngineConfig, HookSpec, PriceConfig, StrictModel
 
 
 class TapSpec(StrictModel):
@@ -60,6 +60,9 @@ class TapSpec(StrictModel):
     price: PriceConfig = Field(default_factory=PriceConfig, description="Price per 1M tokens (credits billing).")
     admission: AdmissionConfig = Field(
         default_factory=AdmissionConfig, description="Queueing when saturated: bound, fair share, weights."
+    )
+    hooks: list[str | HookSpec] = Field(
+        default_factory=list, description="Gateway hooks (llama_orch.hooks entry points), run in this order."
     )
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs one replica reserves, in its group's first bundle.")
     served_name: str | None = Field(

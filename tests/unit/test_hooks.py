@@ -34,7 +34,9 @@ def test_the_example_plugins_entry_points_load_and_the_broken_one_is_reported() 
 
 
 def test_pre_call_hooks_chain_change_or_refuse(tmp_path: Path) -> None:
-    hooks = load_hooks([{"name": "audit", "options": {"path": str(tmp_path / "a.jsonl")}}, "banned-words"])
+    config = {"models": [{"name": "m"}], "hooks": [{"name": "audit", "options": {"path": str(tmp_path / "a.jsonl")}},
+                                                    "banned-words"]}  # fmt: skip
+    hooks = load_hooks(TapConfig.model_validate(config).hooks)  # as the gateway gets them: validated
     assert hooks is not None and hooks.names == ["audit", "banned-words"]
     body = {"model": "m", "user": "shout", "messages": [{"role": "user", "content": "hi"}]}
     assert asyncio.run(hooks.pre_call(CALL, body))["messages"][-1]["content"] == "HI"  # the audit hook's rewrite
