@@ -34,6 +34,7 @@ def tap_config(spec: TapSpec) -> TapConfig:
         autoscaling=spec.autoscaling,
         price=spec.price,
         routing=spec.routing,
+        max_ongoing_requests=spec.max_ongoing_requests,
     )
     colocate = spec.colocate and spec.openai_gateway and spec.routing != "prefix" and spec.gateway_replicas == 1
     return TapConfig(

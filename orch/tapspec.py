@@ -61,6 +61,12 @@ class TapSpec(StrictModel):
     admission: AdmissionConfig = Field(
         default_factory=AdmissionConfig, description="Queueing when saturated: bound, fair share, weights."
     )
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        description="Serve's max_ongoing_requests of a model replica (a colocated tap raises it to "
+        "hold its admission queue).",
+    )
     hooks: list[str | HookSpec] = Field(
         default_factory=list, description="Gateway hooks (llama_orch.hooks entry points), run in this order."
     )
