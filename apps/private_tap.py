@@ -35,6 +35,7 @@ def tap_config(spec: TapSpec) -> TapConfig:
         price=spec.price,
         routing=spec.routing,
         max_ongoing_requests=spec.max_ongoing_requests,
+        stream_interval=spec.stream_interval,
     )
     colocate = spec.colocate and spec.openai_gateway and spec.routing != "prefix" and spec.gateway_replicas == 1
     return TapConfig(

@@ -52,7 +52,12 @@ TAP_ARGS: dict[str, dict[str, Any]] = {
 HAPROXY = "tap, HAProxy ingress"
 TAP_ARGS[HAPROXY] = TAP_ARGS[TAP]
 TAP_ENV = {HAPROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}
-PHASES = {"tap": TAP, "separate": SEPARATE, "holds": HOLDS, "no-hold": NO_HOLD, "haproxy": HAPROXY}  # --only
+# The tap with one gateway hook that does nothing on these requests (the example plugin's `faulty`, pre_call
+# and post_call: installed by scripts/check): what a hook costs, beside the tap with none.
+HOOKED = "tap, a no-op hook"
+TAP_ARGS[HOOKED] = TAP_ARGS[TAP] | {"hooks": ["faulty"]}
+PHASES = {"tap": TAP, "separate": SEPARATE, "holds": HOLDS, "no-hold": NO_HOLD, "haproxy": HAPROXY,
+          "hooks": HOOKED}  # --only  # fmt: skip
 GOALS = {  # issue 9's, for the tap with credit billing (the default config)
     "throughput_ratio": (">=", 0.95),
     "single_stream_throughput_ratio": (">=", 0.95),
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         phases[BARE] = run_bare(BARE, model, model_dir, run)
     if "serve-llm" in only:
         phases[SERVE_LLM] = run_serve_llm(model, model_dir, run)
-    for name in ("no-hold", "holds", "separate", "tap", "haproxy"):
+    for name in ("no-hold", "holds", "separate", "tap", "hooks", "haproxy"):
         label = PHASES[name]
         if name in only:
             phases[label] = run_gateway(label, TAP_ARGS[label], model, model_dir, args.config, run, TAP_ENV.get(label))

@@ -48,14 +48,14 @@ def tap_args(name: str, model: str, settings: dict[str, Any], engine: dict[str, 
     """``llama-orch tap create`` arguments for one trial's settings.
 
     >>> tap_args("tune-a", "default", DEFAULTS | {"stream_interval": 4}, {"enforce_eager": True})[-8:]
-    ['--engine', 'extra_args={"stream_interval": 4}', '--set', 'max_ongoing_requests=256', '--set', \
-'target_ongoing_requests=16', '--engine', 'enforce_eager=true']
+    ['--set', 'stream_interval=4', '--set', 'max_ongoing_requests=256', '--set', 'target_ongoing_requests=16', \
+'--engine', 'enforce_eager=true']
     """
     replicas = str(settings["replicas"])
     args = ["tap", "create", name, "--model", model, "--gpus", "1", "--billing", "credits", "--min", replicas,
             "--max", replicas, "--set", f"price={json.dumps(PRICE)}",
             "--engine", f"max_num_seqs={settings['max_num_seqs']}",
-            "--engine", f"extra_args={json.dumps({'stream_interval': settings['stream_interval']})}",
+            "--set", f"stream_interval={settings['stream_interval']}",
             "--set", f"max_ongoing_requests={settings['max_ongoing_requests']}",
             "--set", f"target_ongoing_requests={settings['target_ongoing_requests']}"]  # fmt: skip
     for key, value in engine.items():

@@ -61,6 +61,9 @@ class TapSpec(StrictModel):
     admission: AdmissionConfig = Field(
         default_factory=AdmissionConfig, description="Queueing when saturated: bound, fair share, weights."
     )
+    stream_interval: int | None = Field(
+        None, ge=1, description="Tokens per streamed chunk after the first (vLLM's stream_interval); None = 1."
+    )
     max_ongoing_requests: int = Field(
         256,
         ge=1,

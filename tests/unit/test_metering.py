@@ -124,6 +124,26 @@ def test_settle_is_idempotent_per_request() -> None:
     assert ledger.calls == 1
 
 
+def test_an_observer_sees_each_settled_row_once_and_its_failure_never_stops_the_charge() -> None:
+    """The tap's post_call hooks observe settles this way (orch/hooks.py)."""
+    ledger, seen = FakeLedger(), []
+
+    def observe(meter: Meter, row: UsageRow) -> None:
+        seen.append(row)
+        raise RuntimeError("an observer that fails")
+
+    settler = Settler(ledger, "public", observe=observe)
+
+    async def scenario() -> None:
+        meter = _meter()
+        await settler.settle(meter, "ok")
+        await settler.settle(meter, "ok")  # idempotent: observed once
+
+    asyncio.run(scenario())
+    (op, row) = ledger.committed["settle-cmpl-1"]
+    assert seen == [row] and row is not None and row.cost_micro == op.micro_credits == 20  # type: ignore[attr-defined]
+
+
 def test_drain_waits_for_pending_settles_and_releases() -> None:
     ledger = FakeLedger(failures=3)
     settler = Settler(ledger, "public", sleep=lambda s: asyncio.sleep(0.01))
