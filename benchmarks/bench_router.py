@@ -15,7 +15,8 @@ one replica, its engine batch = ``--batch`` = ``admission.max_running``) and run
 
 Phase "fair share on" and phase "fair share off" (``admission.fair_share: false``, first come first
 served) differ in nothing else; ``admission.reserve`` (``--reserve``, 1) applies with fair share only, so
-"on" fills ``batch - reserve`` places from A's queue and keeps the rest for B.
+"on" fills ``batch - reserve`` places from A's queue and keeps the rest for B; with a reserve, a third
+phase "fair share on, no reserve" shows fair share's cost apart from the reserve's.
 
 Then prefix affinity (``--prefix-docs``, 0 to skip): the chat model on two replicas behind a gateway
 deployment, ``routing: prefix`` vs Serve's default choice; ``--clients`` clients send prompts that share
@@ -217,9 +218,9 @@ def tenant(base: str, admin_key: str) -> str:
     return key
 
 
-def phase(label: str, fair: bool, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+def phase(label: str, fair: bool, args: argparse.Namespace, log_dir: Path, reserve: int) -> dict[str, Any]:
     try:
-        with stack(label, lambda port, out: config(port, args.batch, fair, args.reserve, out), log_dir) as (base, data):
+        with stack(label, lambda port, out: config(port, args.batch, fair, reserve, out), log_dir) as (base, data):
             key_a = (data / "demo_key").read_text().strip()
             key_b = tenant(base, (data / "admin_key").read_text().strip())
             url = base + "/v1/chat/completions"
@@ -253,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     if not args.skip_fair:
-        results["fair share on"] = phase("fair share on", True, args, log_dir)
-        results["fair share off"] = phase("fair share off", False, args, log_dir)
+        results["fair share on"] = phase("fair share on", True, args, log_dir, args.reserve)
+        if args.reserve:  # what the reserve itself costs the flood, apart from fair share
+            results[NO_RESERVE] = phase(NO_RESERVE, True, args, log_dir, 0)
+        results["fair share off"] = phase("fair share off", False, args, log_dir, 0)
     if args.prefix_docs:
         results["prefix"] = {routing: prefix_phase(routing, args, log_dir) for routing in ("prefix", "default")}
         print_prefix(results["prefix"])
@@ -279,10 +282,15 @@ def print_prefix(prefix: dict[str, Any]) -> None:
         print(json.dumps({"ttft_p50_prefix_vs_default": prefix["ttft_p50_prefix_vs_default"]}))
 
 
+NO_RESERVE = "fair share on, no reserve"
+
+
 def print_fair(results: dict[str, Any]) -> None:
     rows = [("", "B TTFT p50 ms", "B TTFT p99 ms", "A tok/s")]
-    for label in ("fair share on", "fair share off"):
-        r = results[label]
+    for label in ("fair share on", NO_RESERVE, "fair share off"):
+        r = results.get(label)
+        if r is None:
+            continue
         if "error" in r:
             rows.append((label, r["error"], "", ""))
             continue
@@ -300,6 +308,15 @@ def print_fair(results: dict[str, Any]) -> None:
             "b_ttft_off_vs_on": round(off["flood"]["b_ttft_ms_p50"] / on["flood"]["b_ttft_ms_p50"], 2),
             "throughput_on_vs_off": round(on["flood"]["a_tokens_per_s"] / off["flood"]["a_tokens_per_s"], 3),
         }
+        bare = results.get(NO_RESERVE)
+        if bare is not None and "error" not in bare:
+            flood = bare["flood"]
+            results["ratios"] |= {
+                "no_reserve_b_ttft_vs_engine_bound": round(
+                    flood["b_ttft_ms_p50"] / bare["full_batch"]["b_ttft_ms_p50"], 2
+                ),
+                "throughput_no_reserve_vs_off": round(flood["a_tokens_per_s"] / off["flood"]["a_tokens_per_s"], 3),
+            }
         print(json.dumps(results["ratios"]))
 
 
