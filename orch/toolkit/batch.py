@@ -108,6 +108,8 @@ class Journal:
         self.done: dict[str, dict[str, Any]] = {}
         self.open: dict[str, int] = {}  # item -> the reserve of its request in flight
         self.orphaned = 0
+        self.spent = 0  # the finished items' costs
+        self.reserved = 0  # the reserves of the requests in ``open``
         self.digests: dict[str, str] = {}
         if path.exists():
             for line in path.read_text().splitlines():
@@ -116,23 +118,32 @@ class Journal:
                 except json.JSONDecodeError:
                     continue  # the line a crash cut short
                 self._apply(event)
-            self.orphaned += sum(self.open.values())  # in flight when the last run died
+            self.orphaned += self.reserved  # in flight when the last run died
             self.open.clear()
+            self.reserved = 0
         self._file = path.open("a")
 
     def _apply(self, event: dict[str, Any]) -> None:
         item, kind = event["id"], event["event"]
         self.digests.setdefault(item, event["digest"])
         if kind == "sent":
-            self.orphaned += self.open.pop(item, 0)
+            self.orphaned += self._close(item)
             self.open[item] = event["reserve"]
+            self.reserved += event["reserve"]
         elif kind == "done":
             self.done[item] = event
-            self.open.pop(item, None)
+            self.spent += event["cost_micro"]
+            self._close(item)
         elif kind == "refused":  # the tap refused it before it held anything (a 4xx): it cost nothing
-            self.open.pop(item, None)
+            self._close(item)
         else:  # failed on the tap's side: it may have cost up to its reserve
-            self.orphaned += self.open.pop(item, 0)
+            self.orphaned += self._close(item)
+
+    def _close(self, item: str) -> int:
+        """The item's request in flight ended (or never was): its reserve, no longer reserved."""
+        reserve = self.open.pop(item, 0)
+        self.reserved -= reserve
+        return reserve
 
     def write(self, **event: Any) -> None:
         self._apply(event)
@@ -141,7 +152,8 @@ class Journal:
         os.fsync(self._file.fileno())
 
     def committed(self) -> int:
-        return sum(e["cost_micro"] for e in self.done.values()) + self.orphaned + sum(self.open.values())
+        """What counts against the cap: O(1), asked before every send."""
+        return self.spent + self.orphaned + self.reserved
 
     def close(self) -> None:
         self._file.close()
