@@ -129,6 +129,7 @@ def cmd_up(root: Path, config_path: Path, num_cpus: int, num_gpus: int, timeout_
             up_file(root).unlink(missing_ok=True)
             state_file(root).unlink(missing_ok=True)
         raise
+    cli_toolkit.report_broken_plugins()
     print(f"llama-orch is up: {base}/v1")
     for app in config["applications"]:
         if app.get("import_path") == DASHBOARD_IMPORT_PATH and app.get("route_prefix"):

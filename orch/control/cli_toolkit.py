@@ -64,15 +64,11 @@ def cmd_batch(args: argparse.Namespace, base_url: str | None) -> int:
 
 
 def check_plugins(config: dict[str, Any]) -> None:
-    """For ``up``: each installed plugin that fails to load is reported on stderr, and the stack starts
-    anyway; but a tap that names a hook that is missing or fails to load is a config error (a tap must
-    not run without a guardrail it was configured with)."""
-    from orch.plugins import HOOKS, broken, load
+    """For ``up``, before it deploys: a tap that names a hook that is missing or fails to load is a config
+    error (a tap must not run without a guardrail it was configured with)."""
+    from orch.plugins import HOOKS, load
     from orch.serve_config import is_tap
 
-    for p in broken():
-        print(f"plugin {p.group}:{p.name} of {p.package} {p.version} failed to load (left out): {p.error}",
-              file=sys.stderr)  # fmt: skip
     for app in filter(is_tap, config["applications"]):
         for spec in (app.get("args") or {}).get("hooks") or []:
             name = spec if isinstance(spec, str) else spec.get("name")
@@ -80,3 +76,13 @@ def check_plugins(config: dict[str, Any]) -> None:
                 load(HOOKS, name)
             except (LookupError, ImportError) as exc:
                 raise ConfigError(f"application {app.get('name')!r}: {exc}") from None
+
+
+def report_broken_plugins() -> None:
+    """For ``up``, once the stack answers: each installed plugin that fails to load, on stderr (the stack
+    runs without it)."""
+    from orch.plugins import broken
+
+    for p in broken():
+        print(f"plugin {p.group}:{p.name} of {p.package} {p.version} failed to load (left out): {p.error}",
+              file=sys.stderr)  # fmt: skip
