@@ -264,7 +264,7 @@ class BatchRunner:
         partial.replace(self.out)
 
 
-def run_batch(
+async def arun_batch(
     client: Any,
     model: str,
     prompts: Iterable[str | dict[str, Any]],
@@ -278,25 +278,14 @@ def run_batch(
 ) -> BatchReport:
     """Runs the batch (see the module's text) with an async client (:class:`orch.AsyncClient` or
     ``openai.AsyncOpenAI``); ``credit_cap`` in micro-credits; ``request``: more chat request fields
-    (``temperature``, ...). Call :func:`arun_batch` from a running loop (a notebook's)."""
-    return asyncio.run(arun_batch(client, model, prompts, out, credit_cap=credit_cap, concurrency=concurrency,
-                                  max_tokens=max_tokens, progress=progress, **request))  # fmt: skip
-
-
-async def arun_batch(
-    client: Any,
-    model: str,
-    prompts: Iterable[str | dict[str, Any]],
-    out: str | Path,
-    *,
-    credit_cap: int | None = None,
-    concurrency: int = 4,
-    max_tokens: int = 256,
-    progress: bool = True,
-    **request: Any,
-) -> BatchReport:
-    """:func:`run_batch`, awaited."""
+    (``temperature``, ...). From a running loop (a notebook's); elsewhere :func:`run_batch`."""
     items = items_of(prompts, max_tokens, request)
     runner = BatchRunner(client, model, items, Path(out), credit_cap=credit_cap, concurrency=concurrency,
                          progress=progress)  # fmt: skip
     return await runner.run()
+
+
+def run_batch(client: Any, model: str, prompts: Iterable[str | dict[str, Any]], out: str | Path,
+              **options: Any) -> BatchReport:  # fmt: skip
+    """:func:`arun_batch` on a loop of its own; ``options`` are its keyword arguments."""
+    return asyncio.run(arun_batch(client, model, prompts, out, **options))
