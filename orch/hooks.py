@@ -112,6 +112,16 @@ class Hooks:
             log.exception("hook %s failed in post_call of %s", name, usage.request_id)
 
 
+def hook_spec(spec: Any) -> tuple[str, dict[str, Any]]:
+    """(name, options) of one ``hooks:`` entry: a name, a ``{name, options}`` dict (a config not yet
+    validated) or a ``HookSpec`` (a validated TapConfig's)."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, dict):
+        return spec["name"], dict(spec.get("options") or {})
+    return spec.name, dict(spec.options)
+
+
 def load_hooks(specs: list[Any]) -> Hooks | None:
     """The hooks a tap's config names (entry point names, ``{name, options}`` dicts or ``HookSpec``s);
     None for none.
@@ -122,12 +132,7 @@ def load_hooks(specs: list[Any]) -> Hooks | None:
         return None
     hooks = []
     for spec in specs:
-        if isinstance(spec, str):
-            name, options = spec, {}
-        elif isinstance(spec, dict):
-            name, options = spec["name"], dict(spec.get("options") or {})
-        else:  # orch.config.HookSpec, as a validated TapConfig holds them
-            name, options = spec.name, dict(spec.options)
+        name, options = hook_spec(spec)
         cls = load(HOOKS, name).value
         if not (inspect.isclass(cls) and issubclass(cls, Hook)):
             raise TypeError(f"the hook plugin {name!r} is not a subclass of orch.hooks.Hook: {cls!r}")

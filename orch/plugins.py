@@ -30,6 +30,11 @@ class Plugin:
     error: str | None = None
 
 
+def members(plugin: Plugin) -> list[Any]:
+    """What a loaded entry point names, as a list (a tools entry point may name one tool or a list)."""
+    return list(plugin.value) if isinstance(plugin.value, list | tuple) else [plugin.value]
+
+
 def _package(ep: EntryPoint) -> tuple[str, str]:
     dist = ep.dist
     return (dist.name, dist.version) if dist is not None else ("?", "?")

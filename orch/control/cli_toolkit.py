@@ -31,7 +31,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_tools_list() -> int:
-    from orch.plugins import TOOLS, discover
+    from orch.plugins import TOOLS, discover, members
 
     plugins = discover(TOOLS)
     if not plugins:
@@ -40,7 +40,7 @@ def cmd_tools_list() -> int:
         if p.error is not None:
             print(f"{p.name:<24} {p.package} {p.version}  BROKEN: {p.error}")
             continue
-        for t in p.value if isinstance(p.value, list | tuple) else [p.value]:
+        for t in members(p):
             print(f"{t.name:<24} {p.package} {p.version}  {t.description}")
     return 0
 
@@ -66,14 +66,14 @@ def cmd_batch(args: argparse.Namespace, base_url: str | None) -> int:
 def check_plugins(config: dict[str, Any]) -> None:
     """For ``up``, before it deploys: a tap that names a hook that is missing or fails to load is a config
     error (a tap must not run without a guardrail it was configured with)."""
+    from orch.hooks import hook_spec
     from orch.plugins import HOOKS, load
     from orch.serve_config import is_tap
 
     for app in filter(is_tap, config["applications"]):
         for spec in (app.get("args") or {}).get("hooks") or []:
-            name = spec if isinstance(spec, str) else spec.get("name")
             try:
-                load(HOOKS, name)
+                load(HOOKS, hook_spec(spec)[0])
             except (LookupError, ImportError) as exc:
                 raise ConfigError(f"application {app.get('name')!r}: {exc}") from None
 

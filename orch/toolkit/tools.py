@@ -153,12 +153,12 @@ class Registry:
     def from_plugins(cls, *tools: Tool) -> Registry:
         """``tools`` and every tool of the ``llama_orch.tools`` entry points that loads (one that fails is
         left out: ``llama-orch tools list`` says why)."""
-        from orch.plugins import TOOLS, discover
+        from orch.plugins import TOOLS, discover, members
 
         registry = cls(tools)
         for plugin in discover(TOOLS):
             if plugin.error is None:
-                for t in plugin.value if isinstance(plugin.value, list | tuple) else [plugin.value]:
+                for t in members(plugin):
                     registry.add(t, f"{plugin.package} {plugin.version}")
         return registry
 
