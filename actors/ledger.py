@@ -31,7 +31,8 @@ from orch.metrics import COMMIT_BUCKETS_S, Histogram, LedgerGauges, UsageMetrics
 from orch.protocol import USAGE_LIMIT, GroupBy
 from orch.ratelimit import Decision, Limit, Policy, RateWindows
 from orch.renewal import Renewal, Renewed, apply_renewal
-from orch.store import ApiKeyRecord, Batch, Store, UsageReport, UsageRow
+from orch.store import ApiKeyRecord, Batch, Store, UsageReport
+from orch.usage_log import Usage, UsageRow
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class LedgerService:
         # Per the ledger benchmark: default GC thresholds halve throughput on long-lived records.
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
-        self._pending: list[tuple[Op | None, Result, tuple[UsageRow, ...], asyncio.Future[Result]]] = []
+        self._pending: list[tuple[Op | None, Result, Usage, asyncio.Future[Result]]] = []
         self._flusher: asyncio.Task[None] | None = None
         log.info("ledger %s: replayed %d ops", db_path, replayed)
 
@@ -122,7 +123,7 @@ class LedgerService:
         self.check_usable()
         return await self._commit(None, Result(Code.OK, usage.request_id, self._clock(), usage.tenant_id), (usage,))
 
-    def _commit(self, op: Op | None, result: Result, usage: tuple[UsageRow, ...]) -> asyncio.Future[Result]:
+    def _commit(self, op: Op | None, result: Result, usage: Usage) -> asyncio.Future[Result]:
         """Queues what ``op`` changed for the next group commit; the future is its result, once durable."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.append((op, result, usage, future))
@@ -134,10 +135,13 @@ class LedgerService:
         while self._pending:
             await asyncio.sleep(0)  # let calls already queued on the loop join this batch
             items, self._pending = self._pending, []
-            batch = Batch(
-                ops=[(op, r) for op, r, _, _ in items if op is not None and r.code is Code.OK],
-                usage=[u for _, r, rows, _ in items if r.code is Code.OK for u in rows],
-            )
+            batch = Batch(ops=[(op, r) for op, r, _, _ in items if op is not None and r.code is Code.OK])
+            for _, r, usage, _ in items:
+                if r.code is Code.OK and usage:
+                    if isinstance(usage, pa.RecordBatch):
+                        batch.usage_batches.append(usage)  # a lease's rows, made Arrow by its gateway
+                    else:
+                        batch.usage.extend(usage)
             started = time.perf_counter()
             try:
                 self._store.commit(batch)
@@ -155,6 +159,8 @@ class LedgerService:
             self._commit_seconds.observe(time.perf_counter() - started)
             for row in batch.usage:
                 self._usage_metrics.add(row)
+            if batch.usage_batches:
+                self._usage_metrics.add_batch(pa.Table.from_batches(batch.usage_batches))
             for _, result, _, future in items:
                 if not future.done():
                     future.set_result(result)
@@ -328,7 +334,7 @@ class LedgerService:
         self._store.close()
 
 
-def _fail(items: list[tuple[Op | None, Result, tuple[UsageRow, ...], asyncio.Future[Result]]], why: str) -> None:
+def _fail(items: list[tuple[Op | None, Result, Usage, asyncio.Future[Result]]], why: str) -> None:
     for *_, future in items:
         if not future.done():
             future.set_exception(LedgerUnavailable(why))

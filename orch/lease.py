@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from orch.ledger import LEASE_HOLD_PREFIX, Settle
-from orch.renewal import Renewal, Renewed, fit_usage
+from orch.renewal import Renewal, Renewed
 from orch.store import UsageRow
+from orch.usage_log import fit, to_arrow
 
 log = logging.getLogger("ray.serve")
 
@@ -267,7 +268,8 @@ class Leases:
         if lease.hold_id is not None:
             charge = min(lease.unflushed, lease.held)  # less only on a lease short since its hold expired
             settle = Settle("settle-" + lease.hold_id, lease.hold_id, charge)
-            rows, lease.rows = fit_usage(tuple(lease.rows), charge), []
+            # As Arrow here, on every gateway replica, so the ledger's one writer only inserts it.
+            rows, lease.rows = fit(to_arrow(lease.rows), charge), []
             lease.flushing, lease.unflushed = lease.unflushed, 0
         else:
             rows = ()

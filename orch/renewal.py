@@ -7,7 +7,7 @@ import logging
 from typing import NamedTuple
 
 from orch.ledger import Code, Hold, Ledger, Op, Result, Settle
-from orch.store import UsageRow
+from orch.usage_log import Usage, cost, fit
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class Renewal(NamedTuple):
 
     tenant_id: str
     settle: Settle | None
-    usage: tuple[UsageRow, ...]
+    usage: Usage  # orch.usage_log.to_arrow's batch, as gateways send it (or the rows themselves)
     hold_id: str | None
     amounts: tuple[int, ...]  # largest first
     timeout_s: int
@@ -31,7 +31,7 @@ class Renewed(NamedTuple):
     hold: Result | None  # OK (or EXISTS on a retry) with the hold's micro_credits and expires_at; else refused
 
 
-Committed = list[tuple[Op, Result, tuple[UsageRow, ...]]]
+Committed = list[tuple[Op, Result, Usage]]
 
 
 def apply_renewal(ledger: Ledger, renewal: Renewal) -> tuple[Renewed, Committed]:
@@ -39,14 +39,14 @@ def apply_renewal(ledger: Ledger, renewal: Renewal) -> tuple[Renewed, Committed]
     and its Hold, so the credit the Settle frees is there for the Hold). Returns the answer and what to
     commit: each OK op with the usage rows that belong in its transaction. A retried renewal (same op ids)
     gets the first results and commits nothing again."""
-    if renewal.settle is not None and sum(u.cost_micro for u in renewal.usage) != renewal.settle.micro_credits:
+    if renewal.settle is not None and cost(renewal.usage) != renewal.settle.micro_credits:
         raise ValueError(f"usage rows of {renewal.settle.op_id} do not add up to its settle")
     done: Committed = []
     settled = None
     if renewal.settle is not None:
         settled = ledger.apply(renewal.settle)
         if settled.code is Code.OK:
-            done.append((renewal.settle, settled, fit_usage(renewal.usage, settled.micro_credits)))
+            done.append((renewal.settle, settled, fit(renewal.usage, settled.micro_credits)))
         elif not settled.ok:
             log.error("lease settle %s refused (%s): its usage is lost", renewal.settle.op_id, settled.code.value)
     hold = None
@@ -69,23 +69,3 @@ def apply_renewal(ledger: Ledger, renewal: Renewal) -> tuple[Renewed, Committed]
             if hold is not None and hold.code is Code.OK:
                 done.append((op, hold, ()))
     return Renewed(settled, hold), done
-
-
-def fit_usage(rows: tuple[UsageRow, ...], debited: int) -> tuple[UsageRow, ...]:
-    """The rows with their costs cut, last first, to add up to ``debited`` (a late settle debits only
-    what the balance still had), so Σ usage cost stays Σ debits.
-
-    >>> from datetime import UTC, datetime
-    >>> row = UsageRow("r", datetime.now(UTC), "t", "k", "public", "m", 1, 1, 5, None, 1, "ok", "stop")
-    >>> [r.cost_micro for r in fit_usage((row, row._replace(cost_micro=7)), 9)]
-    [5, 4]
-    """
-    over = sum(r.cost_micro for r in rows) - debited
-    out = list(rows)
-    for i in range(len(out) - 1, -1, -1):
-        if over <= 0:
-            break
-        cut = min(over, out[i].cost_micro)
-        out[i] = out[i]._replace(cost_micro=out[i].cost_micro - cut)
-        over -= cut
-    return tuple(out)

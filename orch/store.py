@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import duckdb
 import pyarrow as pa
@@ -43,29 +43,8 @@ from orch.ledger import (
 from orch.metrics import HISTOGRAMS, Histogram, UsageMetrics
 from orch.protocol import GroupBy
 from orch.ratelimit import Policy
-from orch.store_schema import MIGRATIONS, OPS_ARROW, SCHEMA_VERSION, TABLES, USAGE_ARROW, USAGE_EXPORT_ARROW, VIEWS
-
-UsageStatus = Literal["ok", "error", "aborted"]  # finished / engine error / client went away
-
-
-class UsageRow(NamedTuple):
-    """One request's usage; fields in ``usage`` column order. Timestamps are UTC-aware."""
-
-    request_id: str
-    ts: datetime
-    tenant_id: str
-    key_id: str | None
-    tap: str
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost_micro: int
-    ttft_ms: int | None
-    latency_ms: int
-    status: UsageStatus
-    finish_reason: str | None
-    end_user: str | None = None  # the request's ``user`` (the tenant's own end user)
-    http_request_id: str | None = None  # X-Request-Id: the client's, or the one Serve made and echoed
+from orch.store_schema import MIGRATIONS, OPS_ARROW, SCHEMA_VERSION, TABLES, USAGE_EXPORT_ARROW, USAGE_LOG_ARROW, VIEWS
+from orch.usage_log import UsageRow, to_arrow  # UsageRow: plugins import it from here
 
 
 class ApiKeyRecord(NamedTuple):
@@ -83,15 +62,17 @@ TENANT_POLICY_FIELDS = ("priority", "weight", "rpm", "tpm")
 
 @dataclass
 class Batch:
-    """What one transaction writes: OK (op, result) pairs in apply order, and usage rows. Add a
-    request's usage row in the batch of its Settle, and only when that Settle was OK (not EXISTS):
-    a retried settle then never writes a second row, and Σ usage cost stays Σ debits."""
+    """What one transaction writes: OK (op, result) pairs in apply order, and usage rows: as rows, or as
+    batches already made by :func:`orch.usage_log.to_arrow` (a gateway's lease batch). Add a request's usage
+    row in the batch of its Settle, and only when that Settle was OK (not EXISTS): a retried settle then
+    never writes a second row, and Σ usage cost stays Σ debits."""
 
     ops: list[tuple[Op, Result]] = field(default_factory=list)
     usage: list[UsageRow] = field(default_factory=list)
+    usage_batches: list[pa.RecordBatch] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.ops) + len(self.usage)
+        return len(self.ops) + len(self.usage) + sum(b.num_rows for b in self.usage_batches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,9 +214,6 @@ def _aware(at: datetime | None) -> datetime | None:
     return None if at is None else at.replace(tzinfo=UTC)
 
 
-USAGE_STRUCT = pa.struct(list(USAGE_ARROW))  # a UsageRow, as pyarrow converts a tuple
-
-
 def _table(schema: pa.Schema, columns: Sequence[Sequence[Any]]) -> pa.Table:
     arrays = [pa.array(col, type=f.type) for f, col in zip(schema, columns, strict=True)]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -291,7 +269,7 @@ class Store:
         """Writes the batch in ONE transaction: all of it is durable when this returns, none if it raises
         or the process dies first. Only OK results belong in a batch: nothing else changed state.
         If it raises, the Ledger in memory is ahead of the file: rebuild it with ``load_ops()``."""
-        if not batch.ops and not batch.usage:
+        if not len(batch):
             return
         ops_table = usage_table = None
         if batch.ops:
@@ -302,18 +280,16 @@ class Store:
                 rows.append(_encode(op, result))
             seqs = list(range(self._next_seq, self._next_seq + len(rows)))  # pa.array(range) is 100x slower
             ops_table = _table(OPS_ARROW, [seqs, *zip(*rows, strict=True)])
-        if batch.usage:
-            if any(row.ts.tzinfo is None for row in batch.usage):
-                raise ValueError("usage timestamps must be timezone-aware")  # Arrow would store local time
-            # Rows straight into one struct array: half the time of transposing them into columns first.
-            usage_table = pa.Table.from_struct_array(pa.array(batch.usage, type=USAGE_STRUCT))
+        usage = [to_arrow(batch.usage)] if batch.usage else []
+        if usage or batch.usage_batches:
+            usage_table = pa.Table.from_batches(usage + batch.usage_batches, schema=USAGE_LOG_ARROW)
         con = self._con
         con.execute("BEGIN TRANSACTION")
         try:
             if ops_table is not None:
                 con.from_arrow(ops_table).insert_into("ops")
             if usage_table is not None:
-                con.from_arrow(usage_table).insert_into("usage")
+                con.from_arrow(usage_table).insert_into("usage_log")
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

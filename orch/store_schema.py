@@ -1,18 +1,21 @@
-"""The DuckDB schema of orch.store (kept apart so store.py stays readable); only orch.store imports it.
+"""The DuckDB schema of orch.store (kept apart so store.py stays readable); only orch.store and orch.usage_log
+import it.
 
-Tables: ``ops`` (the ledger's event log), ``api_keys``, ``tenant_policies``, ``usage``. Views over ``ops``: ``tenants``,
-``grants``, ``debits``, ``holds`` (with their end state). Timestamps are UTC ``TIMESTAMP``s.
+Tables: ``ops`` (the ledger's event log), ``api_keys``, ``tenant_policies``, ``usage_log``. Views over ``ops``:
+``tenants``, ``grants``, ``debits``, ``holds`` (with their end state); over ``usage_log``: ``usage`` (its ids as
+text, what every read uses). Timestamps are UTC ``TIMESTAMP``s.
 """
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Tables first, then MIGRATIONS (a file of an older version has the tables without the newer columns),
 # then VIEWS, which may read the newer columns.
 TABLES = """
 CREATE TYPE IF NOT EXISTS op_kind AS ENUM ('create_tenant', 'grant', 'hold', 'settle', 'release', 'expire_holds');
 CREATE TYPE IF NOT EXISTS usage_status AS ENUM ('ok', 'error', 'aborted');
+CREATE TYPE IF NOT EXISTS request_kind AS ENUM ('chatcmpl', 'cmpl', 'embd');  -- orch.usage_log.REQUEST_KINDS
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 -- No PRIMARY KEY/UNIQUE: the ledger enforces op_id uniqueness and an index would tax every insert.
 CREATE TABLE IF NOT EXISTS ops (
@@ -50,8 +53,13 @@ CREATE TABLE IF NOT EXISTS tenant_policies (
     tpm         INTEGER,
     updated_at  TIMESTAMP NOT NULL
 );
-CREATE TABLE IF NOT EXISTS usage (
-    request_id        VARCHAR      NOT NULL,
+-- Usage rows as written (read them through the `usage` view). Our own request ids ("chatcmpl-" and 32 hex
+-- digits) are a kind and a UUID, any other id is text; an X-Request-Id in canonical UUID form is a UUID, any
+-- other is text. Random ids as text cost a third of each insert (string compression at checkpoints).
+CREATE TABLE IF NOT EXISTS usage_log (
+    request_kind      request_kind,           -- with request_uuid: our own request id
+    request_uuid      UUID,
+    request_text      VARCHAR,                -- else the request id as is
     ts                TIMESTAMP    NOT NULL,  -- when the request arrived (UTC)
     tenant_id         VARCHAR      NOT NULL,
     key_id            VARCHAR,
@@ -65,7 +73,8 @@ CREATE TABLE IF NOT EXISTS usage (
     status            usage_status NOT NULL,
     finish_reason     VARCHAR,                -- stop, length, abort, ... as the engine said
     end_user          VARCHAR,                -- the request's `user`
-    http_request_id   VARCHAR                 -- X-Request-Id, the client's or Serve's
+    http_uuid         UUID,                   -- X-Request-Id (the client's or Serve's), when a canonical UUID
+    http_text         VARCHAR                 -- else as is
 );
 """
 
@@ -77,6 +86,20 @@ MIGRATIONS = {
     3: "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS priority VARCHAR; "
     "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpm INTEGER; "
     "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS tpm INTEGER; UPDATE schema_version SET version = 4;",
+    4: """
+    INSERT INTO usage_log SELECT
+        CASE WHEN ours THEN split_part(request_id, '-', 1)::request_kind END,
+        CASE WHEN ours THEN right(request_id, 32)::UUID END,
+        CASE WHEN NOT ours THEN request_id END,
+        ts, tenant_id, key_id, tap, model, prompt_tokens, completion_tokens, cost_micro, ttft_ms, latency_ms,
+        status, finish_reason, end_user,
+        CASE WHEN canonical THEN http_request_id::UUID END, CASE WHEN NOT canonical THEN http_request_id END
+    FROM (SELECT *, regexp_full_match(request_id, '(chatcmpl|cmpl|embd)-[0-9a-f]{32}') AS ours,
+                 coalesce(TRY_CAST(http_request_id AS UUID)::VARCHAR = http_request_id, false) AS canonical
+          FROM usage);
+    DROP TABLE usage;
+    UPDATE schema_version SET version = 5;
+    """,
 }
 
 VIEWS = """
@@ -104,6 +127,12 @@ CREATE OR REPLACE VIEW holds AS
     LEFT JOIN (SELECT hold_id, arg_max(state, ended_at) AS state, max(ended_at) AS ended_at
                FROM hold_ends GROUP BY hold_id) e ON e.hold_id = h.op_id
     WHERE h.kind = 'hold';
+CREATE OR REPLACE VIEW usage AS
+    SELECT coalesce(request_text, request_kind::VARCHAR || '-' || replace(request_uuid::VARCHAR, '-', ''))
+           AS request_id,
+           ts, tenant_id, key_id, tap, model, prompt_tokens, completion_tokens, cost_micro, ttft_ms, latency_ms,
+           status, finish_reason, end_user, coalesce(http_text, http_uuid::VARCHAR) AS http_request_id
+    FROM usage_log;
 """
 
 # Naive Arrow timestamps: pyarrow converts aware datetimes to UTC for them 9x faster than for tz="UTC",
@@ -143,6 +172,18 @@ USAGE_ARROW = pa.schema(
         ("finish_reason", pa.string()),
         ("end_user", pa.string()),
         ("http_request_id", pa.string()),
+    ]
+)
+
+# What orch.usage_log.to_arrow makes of usage rows and Store.commit inserts: ``usage_log``'s columns.
+USAGE_LOG_ARROW = pa.schema(
+    [
+        ("request_kind", pa.string()),
+        ("request_uuid", pa.uuid()),
+        ("request_text", pa.string()),
+        *(f for f in USAGE_ARROW if f.name not in ("request_id", "http_request_id")),
+        ("http_uuid", pa.uuid()),
+        ("http_text", pa.string()),
     ]
 )
 

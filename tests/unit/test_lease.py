@@ -18,7 +18,8 @@ from orch.lease import Lease, Leases, LeaseSettings
 from orch.ledger import Code, CreateTenant, ExpireHolds, GrantCredits, Hold, Ledger, Op, Price, Result, Settle
 from orch.metering import Meter, Settler
 from orch.renewal import Renewal, Renewed, apply_renewal
-from orch.store import UsageRow
+from orch.usage_log import UsageRow
+from orch.usage_log import rows as usage_rows
 
 T = "t-1"
 FAST = LeaseSettings(flush_s=0.01, idle_s=0.2, retry_s=0.01, top_up_every_s=0.01)
@@ -49,7 +50,7 @@ class FakeLeaseLedger:
             raise LedgerUnavailable("ledger shard 0 unavailable")
         renewed, done = apply_renewal(self.ledger, renewal)
         for op, _result, rows in done:
-            self.rows.extend(rows)
+            self.rows.extend(usage_rows(rows))  # as the gateway sent them: Arrow
             if isinstance(op, Settle):
                 self.debited += _result.micro_credits
         if self.fail:

@@ -8,8 +8,11 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyarrow as pa
+
 from orch.metrics import Histogram, LedgerGauges, ReplicaReport, UsageMetrics, render
 from orch.store import Batch, Store, UsageRow
+from orch.usage_log import to_arrow
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -62,6 +65,13 @@ def test_a_stores_seed_equals_the_rows_added_one_by_one(tmp_path: Path) -> None:
     store.commit(Batch(ops=[], usage=rows()))
     assert_same(store.usage_metrics(), added(rows()))
     store.close()
+
+
+def test_a_gateways_arrow_batch_counts_as_its_rows_added_one_by_one() -> None:
+    batched = UsageMetrics()
+    batched.add_batch(to_arrow(rows()[:25]))
+    batched.add_batch(pa.Table.from_batches([to_arrow(rows()[25:]), to_arrow([])]))  # as the ledger commits them
+    assert_same(batched, added(rows()))
 
 
 def test_shards_merge_into_one_count() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from orch.ledger import (
 )
 from orch.ratelimit import Policy
 from orch.store import ApiKeyRecord, Batch, Store, UsageRow
+from orch.usage_log import to_arrow
 
 T0 = datetime(2025, 6, 30, 23, 59, 58, tzinfo=UTC)
 
@@ -331,14 +333,31 @@ def test_late_settles_replay_from_the_file_with_what_they_debited(tmp_path: Path
     assert rebuilt.apply(Settle("s-expired", "h-expired", 2_500), later) == capped._replace(code=Code.EXISTS)
 
 
+# The usage table of versions 1 to 4 (1 lacked end_user and http_request_id): ids as text.
+OLD_USAGE = """CREATE TABLE usage (request_id VARCHAR NOT NULL, ts TIMESTAMP NOT NULL, tenant_id VARCHAR NOT NULL,
+    key_id VARCHAR, tap VARCHAR NOT NULL, model VARCHAR NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cost_micro BIGINT NOT NULL, ttft_ms INTEGER, latency_ms INTEGER NOT NULL,
+    status usage_status NOT NULL, finish_reason VARCHAR{more})"""
+OURS = "chatcmpl-" + "0f" * 16
+
+
+def old_usage_rows(con: duckdb.DuckDBPyConnection, rows: list[UsageRow], version: int) -> None:
+    """Replaces the file's usage log with the usage table of ``version`` holding ``rows``."""
+    more = ", end_user VARCHAR, http_request_id VARCHAR" if version >= 3 else ""
+    con.execute("DROP VIEW usage; DROP TABLE usage_log;" + OLD_USAGE.format(more=more))
+    for row in rows:
+        values = (row.request_id, row.ts.replace(tzinfo=None), *row[2 : 15 if more else 13])
+        con.execute(f"INSERT INTO usage VALUES ({', '.join('?' * len(values))})", values)
+
+
 def test_a_version_1_file_is_migrated_when_the_writer_opens_it(tmp_path: Path) -> None:
     path, clock = tmp_path / "ledger.duckdb", FakeClock()
     with Store(path) as store:
         seeded_ledger(store, clock)
     con = duckdb.connect(str(path))  # what a version-1 file looks like: no `asked`, no usage `end_user`, ...
     con.execute("ALTER TABLE ops DROP COLUMN asked")
-    con.execute("ALTER TABLE usage DROP COLUMN end_user")
-    con.execute("ALTER TABLE usage DROP COLUMN http_request_id")
+    rows = [usage_row(OURS, 5), usage_row("my-own-id", 7)]
+    old_usage_rows(con, rows, version=1)
     for column in ("priority", "rpm", "tpm"):
         con.execute(f"ALTER TABLE api_keys DROP COLUMN {column}")
     con.execute("DROP TABLE tenant_policies")
@@ -348,12 +367,44 @@ def test_a_version_1_file_is_migrated_when_the_writer_opens_it(tmp_path: Path) -
         Store(path, read_only=True)  # a reader never writes: the writer migrates
     with Store(path) as store:
         assert [op.op_id for op, _ in store.load_ops()] == ["c-acme", "g-acme"]
-        assert store.usage("acme", group_by="user").totals.requests == 0  # the new usage columns are there
+        assert store.usage("acme", group_by="user").totals.requests == 2  # the new usage columns are there
+        assert sorted(store.usage("acme").rows) == sorted(rows)  # the ids as they were
         store.add_key(ApiKeyRecord("k1", "acme", "public", "h1", T0, policy=Policy(priority="batch", key_rpm=5)))
         store.set_tenant_policy("acme", {"weight": 2.0}, T0)
         assert store.get_key("k1").policy == Policy(priority="batch", weight=2.0, key_rpm=5)  # and the key's
     with Store(path, read_only=True) as reader:
-        assert reader._one("SELECT max(version) FROM schema_version") == 4
+        assert reader._one("SELECT max(version) FROM schema_version") == 5
+
+
+def test_a_version_4_usage_table_moves_to_the_log_with_every_id_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.duckdb"
+    Store(path).close()
+    upper = "0F0F0F0F-0F0F-0F0F-0F0F-0F0F0F0F0F0F"  # a UUID, but not as DuckDB writes one: kept as text
+    rows = [
+        usage_row(OURS, 5, http_request_id="0f" * 4 + "-0f0f-0f0f-0f0f-" + "0f" * 6, end_user="u"),
+        usage_row("cmpl-" + "a" * 31, 6, http_request_id=upper),  # one digit short: not ours
+        usage_row("embd-" + "b" * 32, 7),
+        usage_row("chatcmpl-" + "C" * 32, 8, http_request_id=""),  # upper case: not ours
+    ]
+    con = duckdb.connect(str(path))
+    old_usage_rows(con, rows, version=4)
+    con.execute("UPDATE schema_version SET version = 4")
+    con.close()
+    with Store(path) as store:
+        assert sorted(store.usage("acme").rows) == sorted(rows)
+        kinds = store._con.execute("SELECT request_kind, request_text, http_text FROM usage_log").fetchall()
+    expected = [("chatcmpl", None, None), ("embd", None, None)]
+    expected += [(None, rows[1].request_id, upper), (None, rows[3].request_id, "")]
+    assert sorted(kinds, key=str) == sorted(expected, key=str)
+
+
+def test_rows_written_as_rows_or_as_gateway_batches_read_back_the_same(tmp_path: Path) -> None:
+    rows = [usage_row(OURS, 5, http_request_id=str(uuid.uuid4())), usage_row("x", 6, http_request_id="X")]
+    with Store(tmp_path / "ledger.duckdb") as store:
+        store.commit(Batch(usage=rows[:1], usage_batches=[to_arrow(rows[1:]), to_arrow([])]))
+        store.commit(Batch(usage_batches=[to_arrow(rows)]))
+        assert sorted(store.usage("acme").rows) == sorted(rows * 2)
+        assert store.audit().usage_cost == 22
 
 
 def test_a_key_reads_with_its_own_limits_and_its_tenants_policy(tmp_path: Path) -> None:
