@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
-from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Result, Settle, utc_now
+from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Record, Result, Settle, utc_now
 from orch.metrics import COMMIT_BUCKETS_S, Histogram, LedgerGauges, UsageMetrics
 from orch.protocol import USAGE_LIMIT, GroupBy
 from orch.ratelimit import Decision, Limit, Policy, RateWindows
@@ -119,9 +119,15 @@ class LedgerService:
         return renewed
 
     async def record(self, usage: UsageRow) -> Result:
-        """Writes a usage row without money (contract billing); acknowledged once durable."""
+        """Writes a usage row without money (contract billing); acknowledged once durable. The row's request
+        id is a :class:`~orch.ledger.Record` op's id: a retry of it (EXISTS) writes nothing again and is
+        answered once the first is durable."""
         self.check_usable()
-        return await self._commit(None, Result(Code.OK, usage.request_id, self._clock(), usage.tenant_id), (usage,))
+        op = Record(usage.request_id, usage.tenant_id)
+        result = self._ledger.apply(op)
+        if result.code is Code.OK:
+            return await self._commit(op, result, (usage,))
+        return await self._commit(None, result, ())
 
     def _commit(self, op: Op | None, result: Result, usage: Usage) -> asyncio.Future[Result]:
         """Queues what ``op`` changed for the next group commit; the future is its result, once durable."""

@@ -40,6 +40,7 @@ from orch.ledger_ops import (
     Hold,
     Op,
     OpenHold,
+    Record,
     Release,
     Result,
     Settle,
@@ -64,8 +65,8 @@ LEASE_HOLD_PREFIX = "lease-"  # the hold ids of credit leases (orch.lease) start
 
 __all__ = [  # the records (orch.ledger_ops) and pricing names are re-exported: callers import them from here
     "MAX_HOLD_TIMEOUT_S", "MAX_MICRO_CREDITS", "MICRO", "TOKENS_PER_PRICE_UNIT", "Account", "Code", "CreateTenant",
-    "ExpireHolds", "GrantBalance", "GrantCredits", "Hold", "Ledger", "Op", "OpenHold", "Price", "Release", "Result",
-    "Settle", "add_months", "cost", "grant_expiry", "max_cost", "utc_now",
+    "ExpireHolds", "GrantBalance", "GrantCredits", "Hold", "Ledger", "Op", "OpenHold", "Price", "Record", "Release",
+    "Result", "Settle", "add_months", "cost", "grant_expiry", "max_cost", "utc_now",
 ]  # fmt: skip
 
 
@@ -117,6 +118,7 @@ class Ledger:
             Settle: self._settle,
             Release: self._release,
             ExpireHolds: self._expire_holds,
+            Record: self._record,
         }
 
     # ---- mutations ----
@@ -298,6 +300,12 @@ class Ledger:
         self._forget(now)
         self._forgettable.append((now, op.op_id))
         return Result(_OK, op.op_id, now, released=released, hold_ids=tuple(ended))
+
+    def _record(self, op: Record, now: datetime) -> Result:
+        if op.tenant_id not in self._tenants:
+            return Result(Code.TENANT_NOT_FOUND, op.op_id, now, op.tenant_id)
+        self._forgettable.append((now, op.op_id))
+        return Result(_OK, op.op_id, now, op.tenant_id)
 
     def _housekeeping(self, now: datetime) -> None:
         """Bounds memory under steady traffic: forgets what fell out of the window, and drops the expiry

@@ -91,7 +91,16 @@ class ExpireHolds(NamedTuple):
     op_id: str
 
 
-Op = CreateTenant | GrantCredits | Hold | Settle | Release | ExpireHolds
+class Record(NamedTuple):
+    """A usage row without money (contract billing), its request id as the op id: the ledger remembers it
+    for the idempotency window as it does every op, so a retried row (a lost reply, a restart) is never
+    written twice. Changes no balance."""
+
+    op_id: str
+    tenant_id: str
+
+
+Op = CreateTenant | GrantCredits | Hold | Settle | Release | ExpireHolds | Record
 
 
 class Result(NamedTuple):

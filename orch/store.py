@@ -36,6 +36,7 @@ from orch.ledger import (
     GrantCredits,
     Hold,
     Op,
+    Record,
     Release,
     Result,
     Settle,
@@ -177,6 +178,8 @@ def _encode(op: Op, r: Result) -> tuple[Any, ...]:
                 None)  # fmt: skip
     if type(op) is CreateTenant:
         return (op.op_id, "create_tenant", r.at, op.tenant_id, None, op.name, None, None, None, None, None, None)
+    if type(op) is Record:
+        return (op.op_id, "record", r.at, op.tenant_id, None, None, None, None, None, None, None, None)
     raise TypeError(f"not a ledger op: {op!r}")
 
 
@@ -201,6 +204,8 @@ def _decode(row: tuple[Any, ...]) -> tuple[Op, Result]:
         return op, Result(Code.OK, op_id, at, tenant_id, micro, expires_at=expires_at)
     if kind == "create_tenant":
         return CreateTenant(op_id, tenant_id, name), Result(Code.OK, op_id, at, tenant_id)
+    if kind == "record":
+        return Record(op_id, tenant_id), Result(Code.OK, op_id, at, tenant_id)
     raise ValueError(f"unknown op kind in store: {kind!r}")
 
 

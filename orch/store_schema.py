@@ -13,7 +13,9 @@ SCHEMA_VERSION = 5
 # Tables first, then MIGRATIONS (a file of an older version has the tables without the newer columns),
 # then VIEWS, which may read the newer columns.
 TABLES = """
-CREATE TYPE IF NOT EXISTS op_kind AS ENUM ('create_tenant', 'grant', 'hold', 'settle', 'release', 'expire_holds');
+-- v5 added 'record' (DuckDB cannot add a value to an enum: the migration moves ops.kind to the new type).
+CREATE TYPE IF NOT EXISTS op_kind_v5 AS ENUM ('create_tenant', 'grant', 'hold', 'settle', 'release', 'expire_holds',
+                                              'record');
 CREATE TYPE IF NOT EXISTS usage_status AS ENUM ('ok', 'error', 'aborted');
 CREATE TYPE IF NOT EXISTS request_kind AS ENUM ('chatcmpl', 'cmpl', 'embd');  -- orch.usage_log.REQUEST_KINDS
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -21,7 +23,7 @@ CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS ops (
     seq           BIGINT    NOT NULL,  -- apply order; replay follows it
     op_id         VARCHAR   NOT NULL,  -- also the grant_id / hold_id of grant / hold ops
-    kind          op_kind   NOT NULL,
+    kind          op_kind_v5 NOT NULL,
     applied_at    TIMESTAMP NOT NULL,  -- UTC
     tenant_id     VARCHAR,             -- NULL for expire_holds
     hold_id       VARCHAR,             -- settle, release
@@ -98,6 +100,8 @@ MIGRATIONS = {
                  coalesce(TRY_CAST(http_request_id AS UUID)::VARCHAR = http_request_id, false) AS canonical
           FROM usage);
     DROP TABLE usage;
+    ALTER TABLE ops ALTER kind TYPE op_kind_v5;
+    DROP TYPE IF EXISTS op_kind;
     UPDATE schema_version SET version = 5;
     """,
 }

@@ -15,7 +15,7 @@ import pytest
 import actors.ledger
 from actors.ledger import LedgerService, LedgerUnavailable, TenantLedgerActor
 from orch.keys import ADMIN_KEY_ENV, load_or_create_admin_key
-from orch.ledger import CreateTenant, GrantCredits, Hold, Op, Result, Settle
+from orch.ledger import Code, CreateTenant, GrantCredits, Hold, Op, Result, Settle
 from orch.metrics import UsageMetrics
 from orch.store import Batch, Store, UsageReport, UsageRow
 
@@ -215,4 +215,23 @@ def test_admin_key_is_the_data_dirs_one_key(tmp_path: Path, monkeypatch: pytest.
     key = service.admin_key()
     assert key == load_or_create_admin_key(tmp_path) == service.admin_key()
     assert (tmp_path / "admin_key").read_text().strip() == key
+    service.close()
+
+
+def test_a_usage_row_without_money_is_written_once_however_often_it_is_retried(tmp_path: Path) -> None:
+    path, clock = tmp_path / "ledger.duckdb", FakeClock()
+    service = LedgerService(path, clock=clock)
+    tenant = asyncio.run(service.create_tenant("Acme")).tenant_id
+    row = usage_row("chatcmpl-" + "c" * 32, tenant, 0)
+
+    async def twice() -> list[Result]:  # the retry arrives while the first is still on its way to the file
+        return await asyncio.gather(service.record(row), service.record(row))
+
+    first, again = asyncio.run(twice())
+    assert (first.code, again.code) == (Code.OK, Code.EXISTS)
+    service.close()
+    service = LedgerService(path, clock=clock)  # a restart: the retry of a lost reply still finds it
+    assert asyncio.run(service.record(row)).code is Code.EXISTS
+    assert asyncio.run(service.record(usage_row("r-unknown", "t-nobody", 0))).code is Code.TENANT_NOT_FOUND
+    assert service.audit()["usage_rows"] == 1
     service.close()

@@ -21,6 +21,7 @@ from orch.ledger import (
     Hold,
     Ledger,
     Op,
+    Record,
     Release,
     Result,
     Settle,
@@ -342,9 +343,12 @@ OURS = "chatcmpl-" + "0f" * 16
 
 
 def old_usage_rows(con: duckdb.DuckDBPyConnection, rows: list[UsageRow], version: int) -> None:
-    """Replaces the file's usage log with the usage table of ``version`` holding ``rows``."""
+    """Replaces the file's usage log with the usage table of ``version`` holding ``rows``, and its op kinds
+    with the enum before v5 (no 'record')."""
     more = ", end_user VARCHAR, http_request_id VARCHAR" if version >= 3 else ""
     con.execute("DROP VIEW usage; DROP TABLE usage_log;" + OLD_USAGE.format(more=more))
+    kinds = "'create_tenant', 'grant', 'hold', 'settle', 'release', 'expire_holds'"
+    con.execute(f"CREATE TYPE op_kind AS ENUM ({kinds}); ALTER TABLE ops ALTER kind TYPE op_kind; DROP TYPE op_kind_v5")
     for row in rows:
         values = (row.request_id, row.ts.replace(tzinfo=None), *row[2 : 15 if more else 13])
         con.execute(f"INSERT INTO usage VALUES ({', '.join('?' * len(values))})", values)
@@ -369,6 +373,10 @@ def test_a_version_1_file_is_migrated_when_the_writer_opens_it(tmp_path: Path) -
         assert [op.op_id for op, _ in store.load_ops()] == ["c-acme", "g-acme"]
         assert store.usage("acme", group_by="user").totals.requests == 2  # the new usage columns are there
         assert sorted(store.usage("acme").rows) == sorted(rows)  # the ids as they were
+        ledger, record = Ledger(clock=clock), Record("r-1", "acme")
+        ledger.replay(store.load_ops())
+        store.commit(Batch(ops=[(record, ledger.apply(record))]))  # v5's op kind
+        assert [op for op, _ in store.load_ops()][-1] == record
         store.add_key(ApiKeyRecord("k1", "acme", "public", "h1", T0, policy=Policy(priority="batch", key_rpm=5)))
         store.set_tenant_policy("acme", {"weight": 2.0}, T0)
         assert store.get_key("k1").policy == Policy(priority="batch", weight=2.0, key_rpm=5)  # and the key's
