@@ -26,6 +26,7 @@ import heapq
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from orch.ledger_ops import (
     MAX_HOLD_TIMEOUT_S,
@@ -111,7 +112,10 @@ class Ledger:
         self._ok_ops = 0  # OK ops applied (replayed ones included): paces the housekeeping
         self._debited = 0  # Σ settled debits, all time
         self._forgotten_debits = 0  # Σ debits of settled holds no longer in _holds
-        self._handlers: dict[type, Callable[..., Result]] = {
+        self._handlers = self._make_handlers()
+
+    def _make_handlers(self) -> dict[type, Callable[..., Result]]:
+        return {
             CreateTenant: self._create_tenant,
             GrantCredits: self._grant,
             Hold: self._hold,
@@ -120,6 +124,17 @@ class Ledger:
             ExpireHolds: self._expire_holds,
             Record: self._record,
         }
+
+    # A snapshot (orch.snapshot) pickles the whole state but the clock and the handlers (bound methods).
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["clock"], state["_handlers"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.clock = utc_now
+        self._handlers = self._make_handlers()
 
     # ---- mutations ----
 

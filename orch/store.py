@@ -301,16 +301,39 @@ class Store:
             raise
         self._next_seq += len(batch.ops)
 
-    def load_ops(self, rows_per_batch: int = 65_536) -> Iterator[tuple[Op, Result]]:
-        """Every committed (op, result) in apply order, for ``Ledger.replay``. Read it to the end before
-        the next call on this Store: it streams from the connection."""
+    def load_ops(self, rows_per_batch: int = 65_536, *, from_seq: int = 0) -> Iterator[tuple[Op, Result]]:
+        """Every committed (op, result) in apply order (from ``from_seq`` on), for ``Ledger.replay``. Read it
+        to the end before the next call on this Store: it streams from the connection."""
         reader = self._con.sql(
             "SELECT op_id, kind::VARCHAR, applied_at, tenant_id, hold_id, name, micro_credits, timeout_s,"
-            " released, expires_at, hold_ids, asked FROM ops ORDER BY seq"
+            " released, expires_at, hold_ids, asked FROM ops WHERE seq >= ? ORDER BY seq",
+            params=[from_seq],
         ).to_arrow_reader(rows_per_batch)
         for record_batch in reader:  # type: ignore[union-attr]
             for row in zip(*record_batch.to_pydict().values(), strict=True):
                 yield _decode(row)
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next committed op gets: every op below it is in the file."""
+        return self._next_seq
+
+    def save_snapshot(self, seq: int, code: str, state: bytes, at: datetime) -> None:
+        """Keeps ``state`` as the latest snapshot (of the ops below ``seq``), in one transaction."""
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM snapshots")
+            con.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)", [seq, _naive_utc(at), code, state])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def load_snapshot(self) -> tuple[int, str, bytes] | None:
+        """The latest snapshot: (seq, code, state), or None."""
+        rows = self._con.execute("SELECT seq, code, state FROM snapshots ORDER BY seq DESC LIMIT 1").fetchall()
+        return (int(rows[0][0]), str(rows[0][1]), bytes(rows[0][2])) if rows else None
 
     # ---- API keys ----
 

@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS api_keys (
     rpm         INTEGER,               -- requests per minute of this key; NULL: none
     tpm         INTEGER                -- tokens per minute of this key; NULL: none
 );
+-- The latest ledger snapshot (orch.snapshot): the ledger's state holding every op of seq < `seq`.
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq      BIGINT    NOT NULL,
+    taken_at TIMESTAMP NOT NULL,
+    code     VARCHAR   NOT NULL,  -- orch.snapshot.CODE of the code that wrote it
+    state    BLOB      NOT NULL
+);
 -- What the admin API set for a tenant (PATCH /admin/tenants/{id}); NULL: not set (the tap config's, or none).
 CREATE TABLE IF NOT EXISTS tenant_policies (
     tenant_id   VARCHAR   PRIMARY KEY,

@@ -2,7 +2,8 @@
 answer and every account compared with :class:`Model`, a small reference written apart from ``orch.ledger``.
 A walk mixes grants, holds, settles (with usage rows), releases, usage rows without money, retries with the
 same op id (same and other content) and with a new one, hold expiries, clock jumps (past grant expiries too)
-and restarts. After each restart and at the end, :func:`check_invariants` over the file.
+and restarts (from a snapshot and the ops after it, or from the whole log). After each restart and at the
+end, :func:`check_invariants` over the file.
 
 A failure names its seed and step; replay one walk with ``LLAMA_ORCH_SEED=<seed> pytest tests/reliability -k
 money``. ``LLAMA_ORCH_MONEY_WALKS`` / ``LLAMA_ORCH_MONEY_STEPS`` make the run longer (CI keeps it ~15 s).
@@ -179,7 +180,9 @@ def usage_for(op: Settle, tenant: str, now: datetime) -> UsageRow:
 def walk(seed: int, path: Path, steps: int) -> dict[str, int]:
     """One seeded walk; returns what it did (its figures)."""
     rng, clock, model = random.Random(seed), Clock(), Model()
-    service = LedgerService(path, clock=clock)
+    # Snapshots every few ops, or never: a restart loads the latest and replays the ops after it.
+    every = [3, 40, 10**9]
+    service = LedgerService(path, clock=clock, snapshot_every=rng.choice(every))
     tenants = ["t-a", "t-b", "t-c"]
     sent: list[tuple[Op, datetime]] = []  # OK or not: candidates for a retry inside the window
     holds: list[str] = []
@@ -215,7 +218,7 @@ def walk(seed: int, path: Path, steps: int) -> dict[str, int]:
             clock.now += timedelta(seconds=rng.choice([0.001, 1, 30, 400]))
         if roll < 0.03:
             service.close()  # a restart: the next service replays the file
-            service = LedgerService(path, clock=clock)
+            service = LedgerService(path, clock=clock, snapshot_every=rng.choice(every))
             figures["restarts"] += 1
             check_invariants(service._store, clock.now)
             continue

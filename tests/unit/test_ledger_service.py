@@ -14,8 +14,9 @@ import pytest
 
 import actors.ledger
 from actors.ledger import LedgerService, LedgerUnavailable, TenantLedgerActor
+from orch import snapshot
 from orch.keys import ADMIN_KEY_ENV, load_or_create_admin_key
-from orch.ledger import Code, CreateTenant, GrantCredits, Hold, Op, Result, Settle
+from orch.ledger import Code, CreateTenant, GrantCredits, Hold, Ledger, Op, Result, Settle
 from orch.metrics import UsageMetrics
 from orch.store import Batch, Store, UsageReport, UsageRow
 
@@ -38,7 +39,10 @@ class FakeFailingStore:
         self.good_loads = good_loads
         self.commits = 0
 
-    def load_ops(self) -> Iterator[tuple[Op, Result]]:
+    def load_snapshot(self) -> None:
+        return None
+
+    def load_ops(self, from_seq: int = 0) -> Iterator[tuple[Op, Result]]:
         if self.good_loads <= 0:
             raise OSError("cannot read the ledger file")
         self.good_loads -= 1
@@ -234,4 +238,32 @@ def test_a_usage_row_without_money_is_written_once_however_often_it_is_retried(t
     assert asyncio.run(service.record(row)).code is Code.EXISTS
     assert asyncio.run(service.record(usage_row("r-unknown", "t-nobody", 0))).code is Code.TENANT_NOT_FOUND
     assert service.audit()["usage_rows"] == 1
+    service.close()
+
+
+def test_a_restart_loads_the_snapshot_and_replays_only_the_ops_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, clock = tmp_path / "ledger.duckdb", FakeClock()
+    service = LedgerService(path, clock=clock, snapshot_every=10)
+    tenant = asyncio.run(service.create_tenant("Acme")).tenant_id
+    asyncio.run(service.apply(GrantCredits("g", tenant, 10**6)))
+    for i in range(14):  # snapshots after op 10 (then the last 6 ops are only in the log)
+        asyncio.run(service.apply(Hold(f"h{i}", tenant, 100, 60)))
+        if i % 2:
+            asyncio.run(service.apply(Settle(f"s{i}", f"h{i}", 40), usage_row(f"r{i}", tenant, 40)))
+    state = service._ledger.account(tenant), service._ledger.open_holds()
+    service.close()
+    seq = Store(path).load_snapshot()[0]  # type: ignore[index]
+    assert 0 < seq < 23
+    replayed = []
+    real_replay = Ledger.replay
+    monkeypatch.setattr(Ledger, "replay", lambda self, ops: replayed.append(n := real_replay(self, ops)) or n)
+    service = LedgerService(path, clock=clock)
+    assert replayed == [23 - seq] and (service._ledger.account(tenant), service._ledger.open_holds()) == state
+    assert asyncio.run(service.apply(Settle("s1", "h1", 40))).code is Code.EXISTS  # its memory came back too
+    service.close()
+    monkeypatch.setattr(snapshot, "CODE", "other-code")  # an upgrade: the snapshot is ignored
+    service = LedgerService(path, clock=clock)
+    assert replayed[-1] == 23 and (service._ledger.account(tenant), service._ledger.open_holds()) == state
     service.close()
