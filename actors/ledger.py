@@ -12,6 +12,7 @@ state by replaying the file. Callers retry with the same op id, so a restart los
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -26,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from orch import snapshot
+from orch.invariants import check_invariants
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Record, Result, Settle, utc_now
 from orch.metrics import COMMIT_BUCKETS_S, Histogram, LedgerGauges, UsageMetrics
@@ -368,6 +370,11 @@ class LedgerService:
         held = sum(self._ledger.account(t).held for t in self._ledger.tenant_ids())
         return {"granted": a.granted, "debited": a.debited, "usage_cost": a.usage_cost,
                 "usage_rows": a.usage_rows, "balance": balance, "held": held}  # fmt: skip
+
+    def check_invariants(self) -> dict[str, int]:
+        """DESIGN.md's money invariants over this shard's file (:mod:`orch.invariants`; raises AssertionError),
+        and its figures. Replays the whole log on the loop: for tests and operators."""
+        return dataclasses.asdict(check_invariants(self._store, self._clock()))
 
     def close(self) -> None:
         self._store.close()

@@ -17,7 +17,8 @@ import pytest
 import ray
 
 from tests.integration.conftest import LEASE_TTL_S, MODEL, TAP_REPLICAS, Stack
-from tests.integration.test_tap_billing import QUESTION, account, new_tenant, usage
+from tests.integration.test_tap_billing import QUESTION, account, new_tenant, served_cost, shard_invariants, usage
+from tests.reliability.table import record
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +50,16 @@ def test_two_replicas_serve_the_public_tap_each_with_its_front(stack: Stack, ray
     assert set(serve.status().applications["public"].deployments) == {f"model-{MODEL}", "model-all-minilm-l6-v2"}
 
 
+@pytest.mark.reliability
 def test_killing_a_tap_replica_under_load_leaves_the_ledger_exact(stack: Stack, ray_driver: None) -> None:
     grant = 10_000_000
     tenant, key = new_tenant(stack, grant)
     victim = tap_replicas()[0]
 
-    async def run() -> list[int | str]:
+    async def run() -> list[tuple[int | str, dict[str, Any] | None]]:
         async with httpx.AsyncClient(timeout=300) as client:
 
-            async def one(i: int) -> int | str:
+            async def one(i: int) -> tuple[int | str, dict[str, Any] | None]:
                 await asyncio.sleep(i * 0.05)
                 body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
                 try:
@@ -65,8 +67,8 @@ def test_killing_a_tap_replica_under_load_leaves_the_ledger_exact(stack: Stack, 
                         stack.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
                     )
                 except httpx.HTTPError as exc:  # the killed replica's connections
-                    return type(exc).__name__
-                return resp.status_code
+                    return type(exc).__name__, None
+                return resp.status_code, resp.json().get("usage") if resp.status_code == 200 else None
 
             async def kill() -> None:
                 await asyncio.sleep(1.0)
@@ -75,7 +77,8 @@ def test_killing_a_tap_replica_under_load_leaves_the_ledger_exact(stack: Stack, 
             results = await asyncio.gather(*(one(i) for i in range(60)), kill())
             return [r for r in results if r is not None]
 
-    statuses = asyncio.run(run())
+    responses = asyncio.run(run())
+    statuses = [s for s, _ in responses]
     assert statuses.count(200) >= 30, statuses
 
     # Every lease comes back: the dead replica's by its timeout, the live one's when idle.
@@ -91,6 +94,13 @@ def test_killing_a_tap_replica_under_load_leaves_the_ledger_exact(stack: Stack, 
     assert report["cost_micro_credits"] == a["spent_micro_credits"] == grant - a["balance_micro_credits"]
     audit = ray.get(ray.get_actor("tenant-ledger-0", namespace="llama-orch").call.remote("audit"), timeout=60)
     assert audit["debited"] == audit["usage_cost"]
+    figures = shard_invariants()
+    # What was served and not charged: the rows the killed replica had not yet flushed to the ledger.
+    lost = served_cost(responses) - a["spent_micro_credits"]
+    doubled = report["requests"] - statuses.count(200) if report["requests"] > statuses.count(200) else 0
+    record("kill a tap replica holding a lease", len(responses), lost, doubled + figures["double_charges"],
+           figures["violations"])  # fmt: skip
+    assert lost >= 0
 
     # Serve replaces the replica (an engine start: up to minutes on 2 busy cores); the tap serves on.
     assert running_replicas(timeout_s=300) == TAP_REPLICAS  # and the tests after this one find both

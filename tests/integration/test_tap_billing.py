@@ -17,8 +17,9 @@ import openai
 import pytest
 import ray
 
-from orch.ledger import Price, cost
+from orch.ledger import Hold, Price, cost
 from tests.integration.conftest import MODEL, NUM_GPUS, TAP_REPLICAS, Stack, cli
+from tests.reliability.table import record
 
 pytestmark = pytest.mark.integration
 
@@ -202,18 +203,30 @@ def _ledger_actor() -> Any:
     return ray.get_actor("tenant-ledger-0", namespace="llama-orch")
 
 
+def served_cost(responses: list[tuple[int, dict[str, Any] | None]]) -> int:
+    """What the answered requests cost by the usage each answer reported (what was served)."""
+    return sum(cost(PRICE, u["prompt_tokens"], u["completion_tokens"]) for s, u in responses if s == 200 and u)
+
+
+def shard_invariants() -> dict[str, int]:
+    """orch.invariants over the ledger shard's own file (raises on a violation)."""
+    figures: dict[str, int] = ray.get(_ledger_actor().call.remote("check_invariants"), timeout=300)
+    return figures
+
+
+@pytest.mark.reliability
 def test_killing_the_ledger_under_load_loses_and_doubles_nothing(stack: Stack, ray_driver: None) -> None:
     tenant, key = new_tenant(stack, 10_000_000)
 
-    async def run() -> list[int]:
+    async def run() -> list[tuple[int, dict[str, Any] | None]]:
         async with httpx.AsyncClient(timeout=600) as client:
 
-            async def one(i: int) -> int:
+            async def one(i: int) -> tuple[int, dict[str, Any] | None]:
                 await asyncio.sleep(i * 0.05)
                 body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4, "temperature": 0}
                 url = stack.v1 + "/chat/completions"
                 resp = await client.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
-                return resp.status_code
+                return resp.status_code, resp.json().get("usage") if resp.status_code == 200 else None
 
             async def kill() -> None:
                 await asyncio.sleep(0.6)
@@ -222,14 +235,20 @@ def test_killing_the_ledger_under_load_loses_and_doubles_nothing(stack: Stack, r
             results = await asyncio.gather(*(one(i) for i in range(40)), kill())
             return [r for r in results if r is not None]
 
-    statuses = asyncio.run(run())
+    responses = asyncio.run(run())
+    statuses = [s for s, _ in responses]
     assert statuses.count(200) >= 30, statuses  # the gateway waits out the restart: requests succeed
     assert set(statuses) <= {200, 503}, statuses
     a = account(stack, tenant)
     assert a["held_micro_credits"] == 0
     report = usage(stack, tenant)
+    figures = shard_invariants()
+    lost = served_cost(responses) - a["spent_micro_credits"]
+    doubled = report["totals"]["requests"] - statuses.count(200) + figures["double_charges"]
+    record("kill the ledger actor (restarts, replays)", len(responses), lost, doubled, figures["violations"])
     assert report["totals"]["requests"] == statuses.count(200)  # one row per served request, none doubled
     assert report["totals"]["cost_micro_credits"] == a["spent_micro_credits"] == 10_000_000 - a["balance_micro_credits"]
+    assert a["spent_micro_credits"] == served_cost(responses)  # every answer charged what its usage said
     audit = ray.get(_ledger_actor().call.remote("audit"), timeout=60)
     assert audit["debited"] == audit["usage_cost"]
     assert audit["granted"] - audit["debited"] - audit["held"] >= audit["balance"]  # expired grants forfeit
@@ -310,3 +329,60 @@ def test_readme_tenant_flow_with_the_cli(stack: Stack) -> None:
         time.sleep(0.5)
     assert held == 0
     assert orch("keys", "revoke", key_id) == f"revoked {key_id}"
+
+
+@pytest.mark.reliability
+def test_dropping_100_clients_mid_stream_charges_each_at_least_what_it_got(stack: Stack, ray_driver: None) -> None:
+    grant = 100_000_000
+    tenant, key = new_tenant(stack, grant)
+    story = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    body = {"model": MODEL, "messages": story, "max_tokens": 300, "stream": True, "ignore_eos": True}
+
+    async def leave_after(client: httpx.AsyncClient, tokens: int) -> tuple[str, int]:
+        """Streams, then drops the connection after ``tokens`` content chunks: (request id, chunks seen)."""
+        request_id, received = "", 0
+        async with client.stream("POST", stack.v1 + "/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {key}"}) as resp:  # fmt: skip
+            assert resp.status_code == 200, await resp.aread()
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    request_id = chunk["id"]
+                    received += bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
+                if received >= tokens:
+                    break
+        return request_id, received
+
+    async def run() -> list[tuple[str, int]]:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(*(leave_after(client, 1 + i % 5) for i in range(100)))
+
+    clients = asyncio.run(run())
+    a = account(stack, tenant)
+    assert a["held_micro_credits"] == 0 and a["open_holds"] == [], a
+    rows = {r["request_id"]: r for r in admin(stack, "GET", f"/admin/tenants/{tenant}/usage?limit=1000")["data"]}
+    assert len(rows) == 100 and {r["status"] for r in rows.values()} == {"aborted"}, len(rows)
+    # Each was charged the tokens the engine produced for it: at least what it received, never the hold.
+    short = [(rid, got, rows[rid]["completion_tokens"]) for rid, got in clients if rows[rid]["completion_tokens"] < got]
+    lost = sum(cost(PRICE, rows[rid]["prompt_tokens"], got) - rows[rid]["cost_micro"] for rid, got, _ in short)
+    figures = shard_invariants()
+    record("drop 100 clients mid-stream", len(clients), lost, figures["double_charges"], figures["violations"])
+    assert not short, short[:5]
+    assert all(r["completion_tokens"] < 300 for r in rows.values())
+    assert all(r["cost_micro"] == cost(PRICE, r["prompt_tokens"], r["completion_tokens"]) for r in rows.values())
+    assert sum(r["cost_micro"] for r in rows.values()) == a["spent_micro_credits"] == grant - a["balance_micro_credits"]
+
+
+@pytest.mark.reliability
+def test_a_hold_whose_request_vanished_expires_back_into_the_balance(stack: Stack, ray_driver: None) -> None:
+    """A hold opened for a request that then vanished (its gateway gone before any settle): the ledger's
+    expiry tick ends it at its timeout and its credit is back in the balance."""
+    tenant, _ = new_tenant(stack, 1_000_000)
+
+    held = ray.get(_ledger_actor().call.remote("apply", Hold(f"vanished-{tenant}", tenant, 400_000, 2)), timeout=60)
+    assert held.ok and account(stack, tenant, settled=False)["held_micro_credits"] == 400_000
+    a = account(stack, tenant)  # waits until no hold is open: the tick (every second) expires it after 2 s
+    figures = shard_invariants()
+    lost = 1_000_000 - a["balance_micro_credits"]
+    record("a hold whose request vanished expires", 1, lost, figures["double_charges"], figures["violations"])
+    assert a["held_micro_credits"] == 0 and a["balance_micro_credits"] == 1_000_000 and a["spent_micro_credits"] == 0

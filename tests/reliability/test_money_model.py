@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from actors.ledger import LedgerService
+from orch.invariants import check_invariants
 from orch.ledger import (
     MAX_HOLD_TIMEOUT_S,
     Code,
@@ -36,12 +37,12 @@ from orch.ledger import (
     grant_expiry,
 )
 from orch.usage_log import UsageRow
-from tests.reliability.invariants import check_invariants
 
 T0 = datetime(2026, 1, 31, 12, tzinfo=UTC)
 WINDOW = timedelta(days=1)  # the ledger's idempotency window: retries stay inside it
 WALKS = int(os.environ.get("LLAMA_ORCH_MONEY_WALKS", "6"))
 STEPS = int(os.environ.get("LLAMA_ORCH_MONEY_STEPS", "400"))
+pytestmark = pytest.mark.reliability
 SEEDS = [int(os.environ["LLAMA_ORCH_SEED"])] if "LLAMA_ORCH_SEED" in os.environ else list(range(1, WALKS + 1))
 
 

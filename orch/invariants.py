@@ -1,6 +1,7 @@
-"""``check_invariants(store)``: DESIGN.md's money invariants, asserted over a ledger shard's DuckDB file after a
-fault, a random run or a restart. It reads the file only, so it checks what survived, not what a process
-remembers:
+"""``check_invariants(store)``: DESIGN.md's money invariants, asserted over a ledger shard's DuckDB file (after a
+fault, a random run or a restart: the reliability suite runs it after each; the ledger service runs it on its
+own file as ``check_invariants``). It reads the file only, so it checks what survived, not what a process
+remembers. It replays the whole op log: O(history), for tests and operators, never the request path.
 
 1. Replayed into a fresh :class:`orch.ledger.Ledger`, the op log gives every result it recorded, and the
    rebuilt ledger's own invariants hold (per tenant: balance = Σ live grants − Σ debits − Σ open holds ≥ 0).
