@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from orch import snapshot
 from orch.invariants import check_invariants
-from orch.keys import generate_key, hash_secret, load_or_create_admin_key, parse_key
+from orch.keys import generate_key, hash_secret, load_or_create_admin_key, load_or_create_pepper, parse_key
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Record, Result, Settle, utc_now
 from orch.metrics import COMMIT_BUCKETS_S, Histogram, LedgerGauges, UsageMetrics
 from orch.protocol import USAGE_LIMIT, GroupBy
@@ -84,6 +84,7 @@ class LedgerService:
         self._usage_slots = asyncio.Semaphore(self.USAGE_QUERIES)
         self._rates = RateWindows()  # in memory: a restart forgets the last minute's counts
         self._snapshot_every = self.SNAPSHOT_EVERY if snapshot_every is None else snapshot_every
+        self._pepper: bytes | None = None
         started = time.perf_counter()
         self._ledger, replayed = self._load_ledger()
         self._ledger.check_invariants()
@@ -247,7 +248,8 @@ class LedgerService:
         key_id, raw = generate_key()
         _, secret = parse_key(raw)
         policy = Policy(priority=priority, key_rpm=rpm, key_tpm=tpm)
-        self._store.add_key(ApiKeyRecord(key_id, tenant_id, tap, hash_secret(secret), self._clock(), None, policy))
+        stored = hash_secret(secret, self.key_pepper())
+        self._store.add_key(ApiKeyRecord(key_id, tenant_id, tap, stored, self._clock(), None, policy))
         return key_id, raw
 
     def patch_tenant(self, tenant_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
@@ -276,6 +278,13 @@ class LedgerService:
         """The stack's one admin key, as this shard's node has it (``$LLAMA_ORCH_ADMIN_KEY``, else the data
         dir's ``admin_key`` file): gateway replicas on any node ask shard 0 for it."""
         return load_or_create_admin_key(self._db_path.parent)
+
+    def key_pepper(self) -> bytes:
+        """The stack's key pepper (``orch.keys.load_or_create_pepper``, kept outside the database), which
+        gateway replicas on any node ask shard 0 for, as they do the admin key."""
+        if self._pepper is None:
+            self._pepper = load_or_create_pepper(self._db_path.parent)
+        return self._pepper
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
         return self._store.get_key(key_id)

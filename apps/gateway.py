@@ -96,11 +96,12 @@ class OpenAIFront:
         self._ledger = LedgerClient(Path(root), shards=tap.ledger_shards)
         # The ledger replays its file before the first request, not during it; the admin secret comes
         # from the ledger's node (one per cluster: a replica on another node must not make its own).
-        *_, admin_key = await asyncio.gather(
+        *_, admin_key, pepper = await asyncio.gather(
             *(self._ledger.call(s, "has_tenant", "") for s in range(tap.ledger_shards)),
             self._ledger.call(0, "admin_key"),
+            self._ledger.call(0, "key_pepper"),
         )
-        self._keys = KeyCache(self._ledger.get_key, admin_key)
+        self._keys = KeyCache(self._ledger.get_key, admin_key, pepper=pepper)
         self._leases = None
         if tap.billing == "credits" and tap.credit_leases:
             self._leases = Leases(self._ledger, self._tap, LeaseSettings(ttl_s=tap.lease_ttl_s))

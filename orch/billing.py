@@ -206,8 +206,10 @@ class KeyCache:
         max_entries: int = 100_000,
         max_misses: int = 10_000,
         miss_budget: MissBudget = MissBudget(),
+        pepper: bytes | None = None,
     ) -> None:
         self._fetch = fetch
+        self._pepper = pepper  # orch.keys.load_or_create_pepper: stored hashes are HMACs with it
         self._admin_key = admin_key
         self._ttl_s = ttl_s
         self._clock = clock
@@ -235,7 +237,7 @@ class KeyCache:
         if key_id == ADMIN_KEY_ID:
             raise _invalid_key()
         record = await self._lookup(key_id, client or "")
-        if record is None or record.revoked_at is not None or not verify(token, record.secret_hash):
+        if record is None or record.revoked_at is not None or not verify(token, record.secret_hash, self._pepper):
             raise _invalid_key()
         if record.tap != tap:
             raise Forbidden(f"This API key is not valid for the '{tap}' tap.", code="wrong_tap")

@@ -24,6 +24,9 @@ SECRET_BYTES = 32  # 52 base32 characters: 256 random bits
 ADMIN_KEY_ID = "admin"  # never a generated key_id (those are 16 characters long)
 ADMIN_KEY_ENV = "LLAMA_ORCH_ADMIN_KEY"
 ADMIN_KEY_FILE = "admin_key"
+PEPPER_ENV = "LLAMA_ORCH_KEY_PEPPER"
+PEPPER_FILE = "key_pepper"
+PEPPERED = "p1$"  # the mark of a stored hash made with the pepper
 _ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")  # lower-case base32: no '-', url-safe
 
 
@@ -54,22 +57,40 @@ def parse_key(raw: str) -> tuple[str, str]:
 
 
 def hash_secret(secret: str, pepper: bytes | None = None) -> str:
-    """Hex digest to store. Plain SHA-256 suffices because secrets carry 256 random bits: no dictionary
-    or brute force can invert it, so a slow password hash would only slow every request. A server
-    ``pepper`` (HMAC key kept outside the database) additionally makes a stolen DB file useless alone."""
+    """Digest to store. SHA-256 suffices because secrets carry 256 random bits: no dictionary or brute
+    force can invert it, so a slow password hash would only slow every request. With the server's
+    ``pepper`` (:func:`load_or_create_pepper`: an HMAC key kept outside the database) it is an HMAC marked
+    ``p1$``, and a stolen DB file alone cannot even check a guessed key."""
     data = secret.encode("ascii")
     if pepper:
-        return hmac.new(pepper, data, hashlib.sha256).hexdigest()
+        return PEPPERED + hmac.new(pepper, data, hashlib.sha256).hexdigest()
     return hashlib.sha256(data).hexdigest()
 
 
 def verify(raw: str, stored_hash: str, pepper: bytes | None = None) -> bool:
-    """Whether ``raw``'s secret hashes to ``stored_hash``, compared in constant time."""
+    """Whether ``raw``'s secret hashes to ``stored_hash``, compared in constant time. A stored hash without
+    the ``p1$`` mark is of a key made before the stack had a pepper: checked as plain SHA-256."""
     try:
         _, secret = parse_key(raw)
     except InvalidKey:
         return False
-    return hmac.compare_digest(hash_secret(secret, pepper), stored_hash)
+    peppered = stored_hash.startswith(PEPPERED)
+    if peppered and not pepper:
+        return False
+    return hmac.compare_digest(hash_secret(secret, pepper if peppered else None), stored_hash)
+
+
+def load_or_create_pepper(data_dir: str | Path) -> bytes:
+    """The server's key pepper: ``$LLAMA_ORCH_KEY_PEPPER`` (hex, ≥ 32 bytes) if set, else
+    ``<data_dir>/key_pepper`` (mode 0600, beside the database, never in it), made on first use. Losing it
+    invalidates every key made with it: back it up with the data dir."""
+    from_env = os.environ.get(PEPPER_ENV, "").strip()
+    if from_env:
+        pepper = bytes.fromhex(from_env)
+        if len(pepper) < 32:
+            raise ValueError(f"${PEPPER_ENV} must be at least 32 bytes of hex")
+        return pepper
+    return bytes.fromhex(_private_file(Path(data_dir) / PEPPER_FILE, secrets.token_hex(32)))
 
 
 def load_or_create_admin_key(data_dir: str | Path) -> str:
@@ -79,19 +100,22 @@ def load_or_create_admin_key(data_dir: str | Path) -> str:
     from_env = os.environ.get(ADMIN_KEY_ENV, "")
     if from_env.strip():
         return validate_admin_key(from_env)
-    path = Path(data_dir) / ADMIN_KEY_FILE
+    return _private_file(Path(data_dir) / ADMIN_KEY_FILE, f"{PREFIX}{ADMIN_KEY_ID}-{_token(SECRET_BYTES)}")
+
+
+def _private_file(path: Path, new: str) -> str:
+    """The secret in ``path`` (refused if others may read it), or ``new`` written there first."""
     if path.exists():
         if path.stat().st_mode & 0o077:
             raise PermissionError(f"{path} is readable by others; chmod 600 it")
         return path.read_text(encoding="ascii").strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = f"{PREFIX}{ADMIN_KEY_ID}-{_token(SECRET_BYTES)}"
     # Written whole to a private temp file (mkstemp creates it 0600), then linked into place: readers
-    # never see a partial key, and of two racing first starts exactly one key wins.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".admin_key.")
+    # never see a partial secret, and of two racing first starts exactly one secret wins.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(key + "\n")
+            f.write(new + "\n")
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -100,7 +124,7 @@ def load_or_create_admin_key(data_dir: str | Path) -> str:
             return path.read_text(encoding="ascii").strip()
     finally:
         os.unlink(tmp)
-    return key
+    return new
 
 
 def is_admin_key(raw: str, admin_key: str) -> bool:

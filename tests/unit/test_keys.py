@@ -92,7 +92,22 @@ def test_pepper_changes_the_hash_and_is_needed_to_verify() -> None:
     peppered = hash_secret(secret, pepper=b"server-side")
     assert peppered != hash_secret(secret)
     assert verify(raw, peppered, pepper=b"server-side")
-    assert not verify(raw, peppered)
+    assert not verify(raw, peppered) and not verify(raw, peppered, pepper=b"another")
+    assert verify(raw, hash_secret(secret), pepper=b"server-side")  # a key made before the pepper still works
+
+
+def test_the_pepper_is_made_once_outside_the_database_and_kept_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(keys.PEPPER_ENV, raising=False)
+    pepper = keys.load_or_create_pepper(tmp_path)
+    assert len(pepper) == 32 and keys.load_or_create_pepper(tmp_path) == pepper
+    assert stat.S_IMODE((tmp_path / keys.PEPPER_FILE).stat().st_mode) == 0o600
+    monkeypatch.setenv(keys.PEPPER_ENV, "ab" * 32)
+    assert keys.load_or_create_pepper(tmp_path) == b"\xab" * 32
+    monkeypatch.setenv(keys.PEPPER_ENV, "ab" * 8)
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        keys.load_or_create_pepper(tmp_path)
 
 
 def test_admin_key_comes_from_the_environment_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

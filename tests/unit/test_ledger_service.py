@@ -15,7 +15,7 @@ import pytest
 import actors.ledger
 from actors.ledger import LedgerService, LedgerUnavailable, TenantLedgerActor
 from orch import snapshot
-from orch.keys import ADMIN_KEY_ENV, load_or_create_admin_key
+from orch.keys import ADMIN_KEY_ENV, load_or_create_admin_key, verify
 from orch.ledger import Code, CreateTenant, GrantCredits, Hold, Ledger, Op, Result, Settle
 from orch.metrics import UsageMetrics
 from orch.store import Batch, Store, UsageReport, UsageRow
@@ -267,3 +267,17 @@ def test_a_restart_loads_the_snapshot_and_replays_only_the_ops_after_it(
     service = LedgerService(path, clock=clock)
     assert replayed[-1] == 23 and (service._ledger.account(tenant), service._ledger.open_holds()) == state
     service.close()
+
+
+def test_keys_are_stored_as_hmacs_with_the_pepper_kept_beside_the_file(tmp_path: Path) -> None:
+    service = LedgerService(tmp_path / "ledger.duckdb")
+    tenant = asyncio.run(service.create_tenant("Acme")).tenant_id
+    made = service.create_key(tenant)
+    assert made is not None
+    key_id, raw = made
+    record = service.get_key(key_id)
+    assert record is not None and record.secret_hash.startswith("p1$")
+    assert verify(raw, record.secret_hash, service.key_pepper()) and not verify(raw, record.secret_hash)
+    service.close()
+    assert raw.encode() not in (tmp_path / "ledger.duckdb").read_bytes()
+    assert service.key_pepper().hex().encode() not in (tmp_path / "ledger.duckdb").read_bytes()
