@@ -85,8 +85,14 @@ class LedgerService:
         self._rates = RateWindows()  # in memory: a restart forgets the last minute's counts
         self._snapshot_every = self.SNAPSHOT_EVERY if snapshot_every is None else snapshot_every
         self._pepper: bytes | None = None
+        self._pending: list[tuple[Op | None, Result, Usage, asyncio.Future[Result]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         started = time.perf_counter()
-        self._ledger, replayed = self._load_ledger()
+        gc.disable()  # replay makes millions of long-lived records: collections would rescan them all, often
+        try:
+            self._ledger, replayed = self._load_ledger()
+        finally:
+            gc.enable()
         self._ledger.check_invariants()
         self._since_snapshot = replayed
         self._snapshot_if_due()
@@ -95,8 +101,6 @@ class LedgerService:
         # Per the ledger benchmark: default GC thresholds halve throughput on long-lived records.
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
-        self._pending: list[tuple[Op | None, Result, Usage, asyncio.Future[Result]]] = []
-        self._flusher: asyncio.Task[None] | None = None
         log.info("ledger %s: replayed %d ops in %.2f s", db_path, replayed, time.perf_counter() - started)
 
     def _load_ledger(self) -> tuple[Ledger, int]:
@@ -114,16 +118,23 @@ class LedgerService:
     def _snapshot_if_due(self) -> None:
         """Writes a snapshot once ``snapshot_every`` ops were committed since the last. Called only when the
         ledger holds exactly what the file does (right after a commit, before the loop runs anything else)."""
-        if self._since_snapshot < self._snapshot_every:
-            return
+        if self._since_snapshot >= self._snapshot_every:
+            try:
+                self.snapshot()
+            except Exception as exc:  # the ops are durable: a missing snapshot only makes the next restart slower
+                log.error("ledger snapshot failed (%s: %s)", type(exc).__name__, exc)
+
+    def snapshot(self) -> float:
+        """Writes a snapshot of the ledger now (as of every committed op); the seconds it took. Safe whenever
+        no commit is pending, as between two calls of this service's loop."""
+        if self._pending:
+            raise RuntimeError("ops are waiting for their commit: a snapshot now would hold uncommitted ones")
         started = time.perf_counter()
-        try:
-            self._store.save_snapshot(self._store.next_seq, snapshot.CODE, snapshot.dumps(self._ledger), self._clock())
-        except Exception as exc:  # the ops are durable: a missing snapshot only makes the next restart slower
-            log.error("ledger snapshot failed (%s: %s)", type(exc).__name__, exc)
-            return
+        self._store.save_snapshot(self._store.next_seq, snapshot.CODE, snapshot.dumps(self._ledger), self._clock())
         self._since_snapshot = 0
-        log.info("ledger snapshot at op %d in %.3f s", self._store.next_seq, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        log.info("ledger snapshot at op %d in %.3f s", self._store.next_seq, took)
+        return took
 
     def check_usable(self) -> None:
         """Raises :class:`LedgerUnavailable` once the service is broken (see the class docstring)."""
