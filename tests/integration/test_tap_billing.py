@@ -17,6 +17,7 @@ import openai
 import pytest
 import ray
 
+from actors.ledger import ledger_actor
 from orch.ledger import Hold, Price, cost
 from tests.integration.conftest import MODEL, NUM_GPUS, TAP_REPLICAS, Stack, cli
 from tests.reliability.table import record
@@ -379,7 +380,9 @@ def test_a_hold_whose_request_vanished_expires_back_into_the_balance(stack: Stac
     expiry tick ends it at its timeout and its credit is back in the balance."""
     tenant, _ = new_tenant(stack, 1_000_000)
 
-    held = ray.get(_ledger_actor().call.remote("apply", Hold(f"vanished-{tenant}", tenant, 400_000, 2)), timeout=60)
+    shard = ledger_actor(stack.data_dir, 0)  # the stack's shard, by the handle its class gives (a named one
+    # looked up with ray.get_actor takes no second positional argument)
+    held = ray.get(shard.call.remote("apply", Hold(f"vanished-{tenant}", tenant, 400_000, 2)), timeout=60)
     assert held.ok and account(stack, tenant, settled=False)["held_micro_credits"] == 400_000
     a = account(stack, tenant)  # waits until no hold is open: the tick (every second) expires it after 2 s
     figures = shard_invariants()
