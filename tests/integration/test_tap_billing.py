@@ -18,6 +18,7 @@ import pytest
 import ray
 
 from actors.ledger import ledger_actor
+from orch.control.cluster import read_state, use_cluster
 from orch.ledger import Hold, Price, cost
 from tests.integration.conftest import MODEL, NUM_GPUS, TAP_REPLICAS, Stack, cli
 from tests.reliability.table import record
@@ -283,6 +284,7 @@ def test_disconnect_mid_stream_charges_the_tokens_produced(stack: Stack) -> None
 
 
 @pytest.mark.restarts_stack
+@pytest.mark.reliability
 def test_restarting_the_whole_stack_keeps_every_balance(stack: Stack) -> None:
     tenant, key = new_tenant(stack, 5_000)
     assert chat(stack, key).status_code == 200
@@ -298,6 +300,17 @@ def test_restarting_the_whole_stack_keeps_every_balance(stack: Stack) -> None:
     assert stack.key not in up.stdout  # the demo key is shown once, on the first start only
 
     after = {t["tenant_id"]: account(stack, t["tenant_id"]) for t in admin(stack, "GET", "/admin/tenants")["data"]}
+    state = read_state(stack.data_dir)  # a driver of the new cluster, for the ledger's own check
+    assert state is not None
+    use_cluster(state)
+    ray.init(address=state.gcs_address, namespace="serve", log_to_driver=False, logging_level="WARNING")
+    try:
+        figures = shard_invariants()
+    finally:
+        ray.shutdown()
+    balance = "balance_micro_credits"
+    lost = sum(abs(before[t][balance] - after.get(t, {}).get(balance, 0)) for t in before)
+    record("down and up of the whole stack", 0, lost, figures["double_charges"], figures["violations"])
     assert after == before
     assert usage(stack, tenant)["totals"] == audit_before
     assert chat(stack, key).status_code == 200  # keys and balance still work
