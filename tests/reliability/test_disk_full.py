@@ -20,6 +20,7 @@ from orch.usage_log import UsageRow
 from tests.reliability.table import record
 
 pytestmark = pytest.mark.reliability
+IN_FLIGHT = 50  # hold+settle pairs sent at once, round after round, until the disk is full
 
 
 def mount(where: Path, size: str, remount: bool = False) -> subprocess.CompletedProcess[str]:
@@ -63,18 +64,19 @@ def test_a_full_disk_refuses_new_holds_and_loses_nothing_acknowledged(small_disk
         await service.apply(Settle(f"s-{hold_id}", hold_id, 700), row)
         acknowledged.append(f"s-{hold_id}")
 
-    async def until_full() -> int:
+    async def until_full() -> None:
         nonlocal refused
-        for start in range(0, 200_000, 50):
-            results = await asyncio.gather(*(pair(i) for i in range(start, start + 50)), return_exceptions=True)
+        for start in range(0, 200_000, IN_FLIGHT):
+            pairs = (pair(i) for i in range(start, start + IN_FLIGHT))
+            results = await asyncio.gather(*pairs, return_exceptions=True)
             failures = [r for r in results if isinstance(r, BaseException)]
             assert all(isinstance(f, LedgerUnavailable) for f in failures), failures[:3]
             refused += len(failures)
             if failures:
-                return start + 50
+                return
         raise AssertionError("the disk never filled")
 
-    in_flight = asyncio.run(until_full())
+    asyncio.run(until_full())
     fill(small_disk / "filler")  # the rest of the disk too, as another process would
     # What still fits in the pages the files already have commits; then a new hold is refused, not taken on
     # credit (the gateway answers 503 ledger_unavailable).
@@ -97,7 +99,7 @@ def test_a_full_disk_refuses_new_holds_and_loses_nothing_acknowledged(small_disk
     missing = [op_id for op_id in acknowledged if op_id not in found]
     lost = 700 * sum(op_id.startswith("s-") for op_id in missing)  # acknowledged debits gone
     figures = service.check_invariants()
-    record("disk full under the data dir (ledger)", in_flight, lost, figures["double_charges"], figures["violations"])
+    record("disk full under the data dir (ledger)", IN_FLIGHT, lost, figures["double_charges"], figures["violations"])
     assert not missing, f"{len(missing)} acknowledged ops lost, e.g. {missing[:3]}"
     assert refused > 0
     assert asyncio.run(service.apply(Hold("after-room", tenant, 1_000, 600))).code is Code.OK
