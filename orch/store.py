@@ -20,6 +20,7 @@ ledger actor owns the Store.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -288,18 +289,24 @@ class Store:
         usage = [to_arrow(batch.usage)] if batch.usage else []
         if usage or batch.usage_batches:
             usage_table = pa.Table.from_batches(usage + batch.usage_batches, schema=USAGE_LOG_ARROW)
-        con = self._con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with self._transaction() as con:
             if ops_table is not None:
                 con.from_arrow(ops_table).insert_into("ops")
             if usage_table is not None:
                 con.from_arrow(usage_table).insert_into("usage_log")
+        self._next_seq += len(batch.ops)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The store's connection inside one transaction: committed at the end, rolled back if it raises."""
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            yield con
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        self._next_seq += len(batch.ops)
 
     def load_ops(self, rows_per_batch: int = 65_536, *, from_seq: int = 0) -> Iterator[tuple[Op, Result]]:
         """Every committed (op, result) in apply order (from ``from_seq`` on), for ``Ledger.replay``. Read it
@@ -320,15 +327,9 @@ class Store:
 
     def save_snapshot(self, seq: int, code: str, state: bytes, at: datetime) -> None:
         """Keeps ``state`` as the latest snapshot (of the ops below ``seq``), in one transaction."""
-        con = self._con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with self._transaction() as con:
             con.execute("DELETE FROM snapshots")
             con.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)", [seq, _naive_utc(at), code, state])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
 
     def load_snapshot(self) -> tuple[int, str, bytes] | None:
         """The latest snapshot: (seq, code, state), or None."""
