@@ -10,14 +10,19 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 5
 
+# orch.responses.new_id's prefixes: the ids stored as a kind and a UUID (orch.usage_log); any other is text.
+REQUEST_KINDS = ("chatcmpl", "cmpl", "embd")
+_KIND_ENUM = ", ".join(f"'{k}'" for k in REQUEST_KINDS)
+OUR_ID = f"({'|'.join(REQUEST_KINDS)})-[0-9a-f]{{32}}"  # a full match is one of ours
+
 # Tables first, then MIGRATIONS (a file of an older version has the tables without the newer columns),
 # then VIEWS, which may read the newer columns.
-TABLES = """
+TABLES = f"""
 -- v5 added 'record' (DuckDB cannot add a value to an enum: the migration moves ops.kind to the new type).
 CREATE TYPE IF NOT EXISTS op_kind_v5 AS ENUM ('create_tenant', 'grant', 'hold', 'settle', 'release', 'expire_holds',
                                               'record');
 CREATE TYPE IF NOT EXISTS usage_status AS ENUM ('ok', 'error', 'aborted');
-CREATE TYPE IF NOT EXISTS request_kind AS ENUM ('chatcmpl', 'cmpl', 'embd');  -- orch.usage_log.REQUEST_KINDS
+CREATE TYPE IF NOT EXISTS request_kind AS ENUM ({_KIND_ENUM});
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 -- No PRIMARY KEY/UNIQUE: the ledger enforces op_id uniqueness and an index would tax every insert.
 CREATE TABLE IF NOT EXISTS ops (
@@ -53,7 +58,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     code     VARCHAR   NOT NULL,  -- orch.snapshot.CODE of the code that wrote it
     state    BLOB      NOT NULL
 );
--- What the admin API set for a tenant (PATCH /admin/tenants/{id}); NULL: not set (the tap config's, or none).
+-- What the admin API set for a tenant (PATCH /admin/tenants/{{id}}); NULL: not set (the tap config's, or none).
 CREATE TABLE IF NOT EXISTS tenant_policies (
     tenant_id   VARCHAR   PRIMARY KEY,
     priority    VARCHAR,
@@ -95,7 +100,7 @@ MIGRATIONS = {
     3: "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS priority VARCHAR; "
     "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpm INTEGER; "
     "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS tpm INTEGER; UPDATE schema_version SET version = 4;",
-    4: """
+    4: f"""
     INSERT INTO usage_log SELECT
         CASE WHEN ours THEN split_part(request_id, '-', 1)::request_kind END,
         CASE WHEN ours THEN right(request_id, 32)::UUID END,
@@ -103,7 +108,7 @@ MIGRATIONS = {
         ts, tenant_id, key_id, tap, model, prompt_tokens, completion_tokens, cost_micro, ttft_ms, latency_ms,
         status, finish_reason, end_user,
         CASE WHEN canonical THEN http_request_id::UUID END, CASE WHEN NOT canonical THEN http_request_id END
-    FROM (SELECT *, regexp_full_match(request_id, '(chatcmpl|cmpl|embd)-[0-9a-f]{32}') AS ours,
+    FROM (SELECT *, regexp_full_match(request_id, '{OUR_ID}') AS ours,
                  coalesce(TRY_CAST(http_request_id AS UUID)::VARCHAR = http_request_id, false) AS canonical
           FROM usage);
     DROP TABLE usage;

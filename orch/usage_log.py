@@ -29,10 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from orch.store_schema import USAGE_ARROW, USAGE_LOG_ARROW
+from orch.store_schema import OUR_ID, USAGE_ARROW, USAGE_LOG_ARROW
 
-REQUEST_KINDS = ("chatcmpl", "cmpl", "embd")  # the store's request_kind enum: orch.responses.new_id's prefixes
-_OURS = f"^({'|'.join(REQUEST_KINDS)})-[0-9a-f]{{32}}$"
+_OURS = f"^{OUR_ID}$"  # the store's own definition of our request ids
 _CANONICAL_UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 UsageStatus = Literal["ok", "error", "aborted"]  # finished / engine error / client went away
 
