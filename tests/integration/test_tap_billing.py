@@ -171,6 +171,11 @@ async def _stream(client: httpx.AsyncClient, url: str, key: str) -> tuple[int, d
         return 200, usage
 
 
+def served_cost(responses: list[tuple[int, dict[str, Any] | None]]) -> int:
+    """What the answered requests cost by the usage each answer reported (what was served)."""
+    return sum(cost(PRICE, u["prompt_tokens"], u["completion_tokens"]) for s, u in responses if s == 200 and u)
+
+
 def test_200_concurrent_streams_never_overspend(stack: Stack, ray_driver: None) -> None:
     hold = hold_of_question(8)
     grant = 20 * hold + hold // 2  # covers about 20 holds at once
@@ -189,7 +194,7 @@ def test_200_concurrent_streams_never_overspend(stack: Stack, ray_driver: None) 
     assert 20 - (TAP_REPLICAS - 1) <= len(ok) < 200 and statuses.count(402) >= 1, (len(ok), statuses.count(402))
     a = account(stack, tenant)
     assert a["held_micro_credits"] == 0 and a["balance_micro_credits"] >= 0
-    charged = sum(cost(PRICE, u["prompt_tokens"], u["completion_tokens"]) for u in ok if u)
+    charged = served_cost(results)
     assert all(u is not None and u["completion_tokens"] == 8 for u in ok)
     report = usage(stack, tenant)
     assert report["totals"]["requests"] == len(ok)
@@ -203,11 +208,6 @@ def test_200_concurrent_streams_never_overspend(stack: Stack, ray_driver: None) 
 
 def _ledger_actor() -> Any:
     return ray.get_actor("tenant-ledger-0", namespace="llama-orch")
-
-
-def served_cost(responses: list[tuple[int, dict[str, Any] | None]]) -> int:
-    """What the answered requests cost by the usage each answer reported (what was served)."""
-    return sum(cost(PRICE, u["prompt_tokens"], u["completion_tokens"]) for s, u in responses if s == 200 and u)
 
 
 def shard_invariants() -> dict[str, int]:
