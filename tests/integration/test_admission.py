@@ -106,10 +106,11 @@ def test_a_light_tenant_goes_ahead_of_a_floods_queue(stack: Stack, gated: str, r
     assert order.index("b0") <= 3 and order.index("b1") <= 5, order
 
 
-async def _busy_batch_interactive(url: str, key: str, tenant_id: str) -> list[Answer]:
+async def _busy_batch_interactive(url: str, key: str, tenant_id: str) -> tuple[int, list[Answer]]:
     """2 long requests take both places; once the gate runs them, 3 batch ones; once those wait, 2
     interactive ones (each step checked at the gate, not assumed from a delay: Serve's proxy can hold a
-    request for a second on a loaded machine)."""
+    request for a second on a loaded machine). (The most the gate was seen to have waiting at once after
+    the interactive ones were sent, the 7 answers.)"""
     gate = await asyncio.to_thread(Gate(CLIENT).warm)
     async with httpx.AsyncClient(timeout=300) as client:
         sent = [asyncio.ensure_future(_send(client, url, key, f"run{i}", LONG)) for i in range(2)]
@@ -118,14 +119,21 @@ async def _busy_batch_interactive(url: str, key: str, tenant_id: str) -> list[An
                  for i in range(3)]  # fmt: skip
         await gate.wait_for_queue(tenant_id, 3)
         sent += [asyncio.ensure_future(_send(client, url, key, f"chat{i}", 8)) for i in range(2)]
-        return list(await asyncio.gather(*sent))
+        together = await gate.wait_for_queue(tenant_id, 5, timeout_s=10)
+        return together, list(await asyncio.gather(*sent))
 
 
 def test_interactive_requests_start_before_queued_batch_ones(stack: Stack, gated: str, ray_driver: None) -> None:
-    t, key = tenant(stack)
-    answers = asyncio.run(_busy_batch_interactive(gated, key, t))
-    assert answers == [200] * 7, answers
-    order = _admitted(stack, t)
+    for _attempt in range(3):
+        t, key = tenant(stack)
+        together, answers = asyncio.run(_busy_batch_interactive(gated, key, t))
+        assert answers == [200] * 7, answers
+        order = _admitted(stack, t)
+        if together == 5:  # all 3 batch and 2 interactive requests waited at the gate at once
+            break
+        # The long requests ended (a place freed) before the interactive ones reached the gate, so a
+        # batch one was admitted first, rightly: the premise failed, not the priority. Try again.
+    assert together == 5, f"the interactive requests never reached the gate while the batch ones waited: {order}"
     assert max(order.index(f"chat{i}") for i in range(2)) < min(order.index(f"batch{i}") for i in range(3)), order
 
 
