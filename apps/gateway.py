@@ -85,6 +85,7 @@ class OpenAIFront:
         root = data_dir(tap.data_dir)
         self._models = models
         self._tap = tap.tap
+        self._gateway = tap.gateway
         self._billing = tap.billing
         self._prices = {m.name: Price(m.price.input_per_m, m.price.output_per_m) for m in tap.models}
         self._tasks = {m.name: m.task for m in tap.models}
@@ -150,8 +151,13 @@ class OpenAIFront:
             route, args = self._route(request.method, path)
             if route.auth == "open":
                 return await route.handler(request, *args)
-            token = bearer_token(request.headers.get("authorization"))
             client = request.client.host if request.client else None
+            if route.auth == "admin" and not self._gateway.admin_allowed(client):
+                raise Forbidden(
+                    "The admin API does not answer from this address (the tap's gateway.admin_from).",
+                    code="admin_not_from_here",
+                )
+            token = bearer_token(request.headers.get("authorization"))
             principal = await self._keys.authenticate(token, self._tap, client)
             if (route.auth == "admin") != principal.is_admin:
                 raise Forbidden(

@@ -41,7 +41,9 @@ def tap_config(spec: TapSpec) -> TapConfig:
     return TapConfig(
         tap=spec.app_name(),
         models=[model],
-        gateway=GatewayConfig(colocate=colocate, num_replicas=1 if colocate else spec.gateway_replicas),
+        gateway=GatewayConfig(
+            colocate=colocate, num_replicas=1 if colocate else spec.gateway_replicas, admin_from=spec.admin_from
+        ),
         billing=spec.billing,
         admission=spec.admission,
         hooks=spec.hooks,

@@ -7,6 +7,7 @@ naming the field (:func:`load_args`), never a silently ignored setting.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -176,6 +177,36 @@ class GatewayConfig(StrictModel):
         "one generating model (embedding models keep deployments of their own) and one gateway replica. None "
         "(default): colocate exactly then; false: a gateway deployment of its own in front of the models.",
     )
+    admin_from: list[str] | None = Field(
+        None,
+        description="Networks (CIDR) the admin routes answer from, e.g. [127.0.0.1/32, '::1/128'] for this machine "
+        "only; from elsewhere they answer 403 before any key is checked. None (default): any address, with the admin "
+        "key. The address is the client's as Serve's proxy saw it (a reverse proxy in front appears as itself).",
+    )
+
+    @field_validator("admin_from")
+    @classmethod
+    def _networks(cls, value: list[str] | None) -> list[str] | None:
+        for net in value or ():
+            ipaddress.ip_network(net, strict=False)  # a ValueError names the bad entry
+        return value
+
+    def admin_allowed(self, host: str | None) -> bool:
+        """Whether a client at ``host`` may reach the admin routes.
+
+        >>> g = GatewayConfig(admin_from=["127.0.0.1/32", "::1/128"])
+        >>> g.admin_allowed("127.0.0.1"), g.admin_allowed("::1"), g.admin_allowed("192.0.2.2"), g.admin_allowed(None)
+        (True, True, False, False)
+        >>> GatewayConfig().admin_allowed("192.0.2.2")
+        True
+        """
+        if self.admin_from is None:
+            return True
+        try:
+            address = ipaddress.ip_address(host or "")
+        except ValueError:  # no address (a unix socket, a test client): not a listed one
+            return False
+        return any(address in ipaddress.ip_network(net, strict=False) for net in self.admin_from)
 
 
 class RateLimitConfig(StrictModel):

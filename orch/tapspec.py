@@ -73,6 +73,9 @@ class TapSpec(StrictModel):
     hooks: list[str | HookSpec] = Field(
         default_factory=list, description="Gateway hooks (llama_orch.hooks entry points), run in this order."
     )
+    admin_from: list[str] | None = Field(
+        None, description="Networks (CIDR) the tap's admin routes answer from (gateway.admin_from); None: any."
+    )
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs one replica reserves, in its group's first bundle.")
     served_name: str | None = Field(
         None,
