@@ -1,27 +1,34 @@
 """The router on private taps of the tiny Llama with two model replicas each: prefix affinity against Serve's
 default choice (the replicas' own counters say where each request ran and what their prefix caches hit),
 and rate limits counted across two gateway replicas (exact: 10 of 30 with an RPM limit of 10), with
-OpenAI's ``x-ratelimit-*`` headers, ``Retry-After`` and the official client's ``RateLimitError``."""
+OpenAI's ``x-ratelimit-*`` headers, ``Retry-After`` and the official client's ``RateLimitError``. Last, a
+model replica behind the plain tap's gateway is killed mid-stream (issue 14's fault)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from orch.pricing import Price, cost
 from tests.integration.conftest import Stack
 from tests.integration.test_private_tap import ENGINE, TINY, tap, tiny  # noqa: F401  (tiny: a fixture)
-from tests.integration.test_tap_billing import admin
+from tests.integration.test_tap_billing import account, admin, shard_invariants, usage
+from tests.reliability.table import record
 
 pytestmark = pytest.mark.integration
 
 TWO = ["--min", "2", "--max", "2", "--set", "num_cpus=0.25"]  # two replicas; 8 logical CPUs hold both taps
 ROUTED, PLAIN = "routed", "plain"
+PRICE = {"input_per_m": 1_000_000, "output_per_m": 2_000_000}  # the plain tap bills credits
+GRANT = 50_000_000
 WORDS = "the river runs past old stone walls where lanterns hang and quiet boats drift".split()
 
 
@@ -32,10 +39,11 @@ def _create(stack: Stack, tiny: Path, client: str, *extra: str) -> None:  # noqa
 
 @pytest.fixture(scope="module")
 def taps(stack: Stack, tiny: Path) -> Iterator[dict[str, str]]:  # noqa: F811
-    """``routed``: prefix routing, two gateway replicas; ``plain``: Serve's default choice behind a gateway."""
+    """``routed``: prefix routing, two gateway replicas; ``plain``: Serve's default choice behind a gateway,
+    billing credits."""
     try:
         _create(stack, tiny, ROUTED, "--set", "routing=prefix", "--set", "gateway_replicas=2")
-        _create(stack, tiny, PLAIN, "--separate-gateway")
+        _create(stack, tiny, PLAIN, "--separate-gateway", "--billing", "credits", "--set", f"price={json.dumps(PRICE)}")
         yield {name: f"{stack.base_url}/private/{name}/v1" for name in (ROUTED, PLAIN)}
     finally:
         for name in (ROUTED, PLAIN):
@@ -44,18 +52,27 @@ def taps(stack: Stack, tiny: Path) -> Iterator[dict[str, str]]:  # noqa: F811
 
 def _key(stack: Stack, client: str, **policy: Any) -> tuple[str, str]:
     tenant_id = admin(stack, "POST", "/admin/tenants", {"name": f"{client}-{time.monotonic_ns() % 10**7}"})["tenant_id"]
+    admin(stack, "POST", f"/admin/tenants/{tenant_id}/grants", {"micro_credits": GRANT, "idempotency_key": tenant_id})
     key = admin(stack, "POST", f"/admin/tenants/{tenant_id}/keys", {"tap": f"private-{client}", **policy})
     return tenant_id, key["key"]
+
+
+def _model_deployment(client: str) -> dict[str, Any]:
+    """Serve's details of the tap's model deployment (its name, its replicas and their states)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    deployments = details["applications"][f"private-{client}"]["deployments"]
+    (deployment,) = [d for name, d in deployments.items() if name.startswith("model-")]
+    return deployment  # type: ignore[no-any-return]
 
 
 def _replica_stats(client: str) -> list[dict[str, Any]]:
     """Each model replica's own ``stats``: its engine's prefix-cache counters and the requests it served."""
     from ray import serve
-    from ray.serve.context import _get_global_client
 
     app = f"private-{client}"
-    details = _get_global_client().get_serve_details()
-    (deployment,) = [d for name, d in details["applications"][app]["deployments"].items() if name.startswith("model-")]
+    deployment = _model_deployment(client)
     handle = serve.get_deployment_handle(deployment["name"], app_name=app)
     ids = [r["replica_id"] for r in deployment["replicas"] if r["state"] == "RUNNING"]
     if client == PLAIN:  # Serve's own router can't be asked for one replica: ask until both answered
@@ -165,3 +182,129 @@ def test_a_tenant_limit_set_by_patch_counts_all_its_keys(stack: Stack, taps: dic
     assert cleared["rpm"] is None and cleared["weight"] == 2.0  # the fields not given are kept
     bad = httpx.patch(f"{stack.base_url}/admin/tenants/{tenant_id}", json={"rpm": 0}, headers=stack.admin_headers)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm", bad.text
+
+
+@dataclass
+class Streamed:
+    """What one streamed request's client saw."""
+
+    request_id: str = ""
+    content_chunks: int = 0  # chunks with text: at least one token each
+    error: dict[str, Any] | None = None  # an in-band error event
+    done: bool = False  # the stream ended with [DONE]
+    usage: dict[str, Any] | None = None  # the final usage chunk (a stream that finished)
+
+
+class _Started:
+    """Counts streams that got their first chunk; ``all`` is set at ``n``."""
+
+    def __init__(self, n: int) -> None:
+        self.left, self.all = n, asyncio.Event()
+
+    def one(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.all.set()
+
+
+async def _long_stream(client: httpx.AsyncClient, url: str, key: str, started: _Started) -> Streamed:
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    seen = Streamed()
+    async with client.stream(
+        "POST", url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                seen.done = True
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                seen.error = chunk["error"]
+                continue
+            if not seen.request_id:
+                seen.request_id = chunk["id"]
+                started.one()
+            seen.usage = chunk.get("usage") or seen.usage
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                seen.content_chunks += 1
+    return seen
+
+
+def _model_replica_actors(client: str) -> list[tuple[str, str]]:
+    """(name, namespace) of the tap's model replicas' actors."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::private-{client}#model-"
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return sorted((a["name"], a["namespace"]) for a in named if a["name"].startswith(prefix))
+
+
+async def _streams_then_kill(url: str, key: str, victim: tuple[str, str], n: int = 8) -> list[Streamed]:
+    """``n`` long streams; once each has its first chunk, the model replica ``victim`` is killed."""
+    import ray
+
+    started = _Started(n)
+    async with httpx.AsyncClient(timeout=300) as client:
+        streams = [asyncio.ensure_future(_long_stream(client, url, key, started)) for _ in range(n)]
+        waiting = asyncio.ensure_future(started.all.wait())
+        await asyncio.wait([waiting, *streams], return_when=asyncio.FIRST_COMPLETED)  # all started, or one ended
+        waiting.cancel()
+        ray.kill(ray.get_actor(*victim), no_restart=True)
+        return list(await asyncio.gather(*streams))
+
+
+def _running_replicas(client: str, want: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = [r for r in _model_deployment(client)["replicas"] if r["state"] == "RUNNING"]
+        if len(running) >= want or time.monotonic() > deadline:
+            return len(running)
+        time.sleep(1)
+
+
+@pytest.mark.reliability
+def test_a_model_replica_killed_mid_stream_ends_its_streams_with_an_error_event(
+    stack: Stack, taps: dict[str, str], ray_driver: None
+) -> None:
+    url = taps[PLAIN]
+    tenant, key = _key(stack, PLAIN)
+    for _attempt in range(3):
+        assert _running_replicas(PLAIN, 2, timeout_s=300) == 2
+        victim = _model_replica_actors(PLAIN)[0]
+        seen = asyncio.run(_streams_then_kill(url, key, victim))
+        if any(s.error for s in seen):
+            break
+        # Every stream was on the other replica, or all ended before the kill: the premise failed. Again.
+    cut = [s for s in seen if s.error]
+    assert cut, seen
+    # Every stream ends cleanly: an OpenAI-shaped error event then [DONE] where its replica died, else all 480.
+    assert all(s.done for s in seen), seen
+    for s in cut:
+        assert set(s.error) >= {"message", "type", "code"} and s.error["code"] == "engine_unavailable", s.error
+    assert all(s.usage and s.usage["completion_tokens"] == 480 for s in seen if not s.error), seen
+
+    # The cut streams are charged for what the gateway got from the engine: at least what the client read.
+    a = account(stack, tenant)
+    rows = {r["request_id"]: r for r in usage(stack, tenant)["data"]}
+    assert all(s.request_id in rows for s in seen), (list(rows), seen)
+    for s in cut:
+        row = rows[s.request_id]
+        assert row["status"] == "error" and row["completion_tokens"] >= s.content_chunks > 0, (row, s)
+    charged = sum(r["cost_micro"] for r in rows.values())
+    assert charged == a["spent_micro_credits"] == GRANT - a["balance_micro_credits"] and a["held_micro_credits"] == 0, a
+    price = Price(PRICE["input_per_m"], PRICE["output_per_m"])
+    # What the clients got, at least: each cut stream's text chunks (a token or more each), the others' all.
+    delivered = sum(
+        cost(price, rows[s.request_id]["prompt_tokens"], s.content_chunks if s.error else 480) for s in seen
+    )
+    figures = shard_invariants()
+    record("kill a model replica mid-stream", len(seen), max(0, delivered - charged), 0, figures["violations"])
+    assert figures["violations"] == 0 and figures["double_charges"] == 0, figures
+
+    # Serve replaces the replica, and the tap serves on.
+    assert _running_replicas(PLAIN, 2, timeout_s=300) == 2
+    assert _chat(url, key).status_code == 200
