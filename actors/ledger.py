@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from orch import snapshot
+from orch.backup import backup_file
 from orch.invariants import check_invariants
 from orch.keys import generate_key, hash_secret, load_or_create_admin_key, load_or_create_pepper, parse_key
 from orch.ledger import Code, CreateTenant, ExpireHolds, Ledger, Op, Record, Result, Settle, utc_now
@@ -135,6 +136,20 @@ class LedgerService:
         took = time.perf_counter() - started
         log.info("ledger snapshot at op %d in %.3f s", self._store.next_seq, took)
         return took
+
+    async def backup(self, dest: str) -> dict[str, Any]:
+        """Writes a copy of this shard's file to ``dest`` (a new file) while the service goes on committing:
+        :func:`orch.backup.backup_file` in a worker thread, one DuckDB transaction, so the copy holds exactly the
+        group commits done when it began. Returns its last op's ``seq`` (-1: none), ``ops``, ``bytes``,
+        ``sha256`` and ``seconds``."""
+        self.check_usable()
+        started = time.perf_counter()
+        copy = await asyncio.to_thread(backup_file, self._store.cursor(), Path(dest))
+        took = time.perf_counter() - started
+        log.info(
+            "ledger %s: backed up %d ops (to seq %d) to %s in %.2f s", self._db_path, copy.ops, copy.seq, dest, took
+        )
+        return copy._asdict() | {"seconds": round(took, 3)}
 
     def check_usable(self) -> None:
         """Raises :class:`LedgerUnavailable` once the service is broken (see the class docstring)."""
@@ -250,16 +265,18 @@ class LedgerService:
 
     def create_key(
         self, tenant_id: str, tap: str = "public", priority: str | None = None, rpm: int | None = None,
-        tpm: int | None = None,
+        tpm: int | None = None, pepper: bytes | None = None,
     ) -> tuple[str, str] | None:  # fmt: skip
         """A new key for the tenant, with its own priority class and rate limits (None: none): (key_id,
-        raw key), or None for an unknown tenant. The raw key is returned once and never stored."""
+        raw key), or None for an unknown tenant. The raw key is returned once and never stored. ``pepper``:
+        the stack's (shard 0's, which gateways check keys with); a shard on another node (``ledger_nodes``)
+        may have another one in its own data dir. None: this shard's own."""
         if not self._ledger.has_tenant(tenant_id):
             return None
         key_id, raw = generate_key()
         _, secret = parse_key(raw)
         policy = Policy(priority=priority, key_rpm=rpm, key_tpm=tpm)
-        stored = hash_secret(secret, self.key_pepper())
+        stored = hash_secret(secret, pepper if pepper is not None else self.key_pepper())
         self._store.add_key(ApiKeyRecord(key_id, tenant_id, tap, stored, self._clock(), None, policy))
         return key_id, raw
 
@@ -451,11 +468,15 @@ class TenantLedgerActor:
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has it; the data dir is the head's
 
 
-def ledger_actor(data_dir: Path, shard: int = 0) -> Any:
+def ledger_actor(data_dir: Path, shard: int = 0, node_resource: str | None = None) -> Any:
     """The shard's actor handle, creating it (detached, named, restarting) if it does not exist. Pinned
-    to the head node, where ``llama-orch up`` runs and the DuckDB file lives: a restart elsewhere would
-    open an empty ledger."""
+    to the node that holds its DuckDB file, since a restart elsewhere would open an empty ledger: the head
+    (where ``llama-orch up`` runs), or with ``node_resource`` (the taps' ``ledger_nodes``) the node that
+    declares that custom resource (``ray start --resources``). Only the creation's options count: a
+    restart keeps them, and other callers get the existing actor."""
     import ray
+
+    node = {node_resource: 0.001} if node_resource else {HEAD_NODE_RESOURCE: 0.001}
 
     actor_cls = ray.remote(TenantLedgerActor).options(  # type: ignore[attr-defined]
         name=shard_name(shard),
@@ -466,7 +487,7 @@ def ledger_actor(data_dir: Path, shard: int = 0) -> Any:
         max_task_retries=-1,
         max_concurrency=1000,
         num_cpus=0,
-        resources={HEAD_NODE_RESOURCE: 0.001},
+        resources=node,
         # Not the caller's placement group: a model replica in a GPU group (the front inside it) captures
         # its children into the group, where the head-node resource is not.
         scheduling_strategy="DEFAULT",

@@ -24,10 +24,13 @@ class LedgerClient:
     (restarting, dead and recreated, or refusing after a failed commit) until ``deadline_s``. Every
     mutation it sends carries an op id, so a retry returns the first result instead of applying twice."""
 
-    def __init__(self, data_dir: Path, shards: int = 1, deadline_s: float = 60.0) -> None:
+    def __init__(
+        self, data_dir: Path, shards: int = 1, deadline_s: float = 60.0, nodes: dict[int, str] | None = None
+    ) -> None:
         self._data_dir = data_dir
         self._deadline_s = deadline_s
         self._handles: list[Any] = [None] * shards
+        self._nodes = nodes or {}  # shard -> the custom resource of the node holding its file (else the head)
 
     @property
     def shards(self) -> int:
@@ -38,7 +41,7 @@ class LedgerClient:
 
     def _handle(self, shard: int) -> Any:
         if self._handles[shard] is None:
-            self._handles[shard] = ledger_actor(self._data_dir, shard)
+            self._handles[shard] = ledger_actor(self._data_dir, shard, self._nodes.get(shard))
         return self._handles[shard]
 
     async def call(self, shard: int, method: str, *args: Any) -> Any:

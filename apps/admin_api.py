@@ -129,7 +129,7 @@ class AccountAPI:
         (``rpm``, ``tpm``; the tenant's limits still apply). The raw key is in this answer only."""
         body: CreateOwnKeyBody = parse_body(CreateOwnKeyBody, await self._read_body(request))
         created = await self._ledger.tenant_call(principal.tenant_id, "create_key", principal.tenant_id, self._tap,
-                                                 None, body.rpm, body.tpm)  # fmt: skip
+                                                 None, body.rpm, body.tpm, self._keys.pepper)  # fmt: skip
         if created is None:
             raise NotFound(f"No tenant '{principal.tenant_id}'.", code="tenant_not_found")
         key_id, raw = created
@@ -218,7 +218,7 @@ class AccountAPI:
         body: CreateKeyBody = parse_body(CreateKeyBody, await self._read_body(request))
         tap = body.tap or self._tap
         created = await self._ledger.tenant_call(tenant_id, "create_key", tenant_id, tap, body.priority, body.rpm,
-                                                 body.tpm)  # fmt: skip
+                                                 body.tpm, self._keys.pepper)  # fmt: skip
         if created is None:
             raise NotFound(f"No tenant '{tenant_id}'.", code="tenant_not_found")
         key_id, raw = created

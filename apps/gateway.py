@@ -37,6 +37,7 @@ from apps.admin_api import AccountAPI
 from apps.model_port import HandleModel, ModelPort, ModelStream
 from apps.reporting import keep_reporting
 from apps.wire import SettlingStream, api_error, error_response, overhead_header, read_body, sse_frames
+from orch import openapi
 from orch.admission import AdmissionQueue, admission_settings, request_priority
 from orch.billing import KeyCache, Principal, PromptLimits, bearer_token, hold_amount, prompt_token_bound
 from orch.config import TapConfig, data_dir
@@ -94,7 +95,7 @@ class OpenAIFront:
         self._adjusting: set[asyncio.Task[Any]] = set()  # rate-limit corrections in flight
         self._limits: dict[str, PromptLimits] = {}
         self._created = int(time.time())
-        self._ledger = LedgerClient(Path(root), shards=tap.ledger_shards)
+        self._ledger = LedgerClient(Path(root), shards=tap.ledger_shards, nodes=tap.ledger_nodes)
         # The ledger replays its file before the first request, not during it; the admin secret comes
         # from the ledger's node (one per cluster: a replica on another node must not make its own).
         *_, admin_key, pepper = await asyncio.gather(
@@ -119,6 +120,7 @@ class OpenAIFront:
             Route("GET", re.compile(r"/v1/models"), self._list_models, tenant),
             Route("GET", re.compile(r"/v1/models/(.+)"), self._get_model, tenant),
             Route("GET", re.compile(r"/health"), self._health, "open"),
+            Route("GET", re.compile(r"/openapi\.json"), self._openapi, "open"),
             *(Route(*r) for r in AccountAPI(self._ledger, self._keys, self._tap, read_body, self._flush).routes()),
         ]
         keep_reporting(self)
@@ -199,6 +201,10 @@ class OpenAIFront:
     async def _get_model(self, request: Request, principal: Principal, name: str) -> Response:
         self._model(name, self._tasks.get(name, "generate"))
         return JSONResponse(self._model_card(name))
+
+    async def _openapi(self, request: Request) -> Response:
+        """``GET /openapi.json``: this tap's routes and request schemas (``orch/openapi.py``)."""
+        return JSONResponse(openapi.document(self._tap, request.scope.get("root_path", "")))
 
     async def _health(self, request: Request) -> Response:
         checks = [model.check_health() for model in self._models.values()]

@@ -48,6 +48,7 @@ def tap_config(spec: TapSpec) -> TapConfig:
         admission=spec.admission,
         hooks=spec.hooks,
         ledger_shards=spec.ledger_shards or 1,
+        ledger_nodes=spec.ledger_nodes,
         data_dir=spec.data_dir,
     )
 

@@ -224,6 +224,11 @@ class KeyCache:
         self.lookups = 0  # ledger fetches made
         self.refused = 0  # unknown key ids refused without a fetch (budget spent)
 
+    @property
+    def pepper(self) -> bytes | None:
+        """The pepper stored hashes are checked with (shard 0's): new keys are hashed with it too."""
+        return self._pepper
+
     async def authenticate(self, token: str, tap: str, client: str | None = None) -> Principal:
         """The principal of ``token`` on ``tap``: 401 for an unknown, malformed or revoked key,
         403 for a valid key of another tap. The admin key (any secret) authenticates as :data:`ADMIN`;

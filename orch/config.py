@@ -292,12 +292,20 @@ class TapConfig(StrictModel):
         "a name, or {name, options}.",
     )
     ledger_shards: int = Field(1, ge=1, le=64, description="Tenant ledger shards (actors and DuckDB files).")
+    ledger_nodes: dict[int, str] = Field(
+        default_factory=dict,
+        description="Shard -> a custom resource (`ray start --resources='{\"<name>\": 1}'`) of the node that holds "
+        "its file under the same data dir path; the shard runs only there (waiting while that node is down). "
+        "Shards not listed run on the head. Every tap of a stack must agree.",
+    )
     data_dir: str | None = Field(
         None, description="Where weights and state live; default $LLAMA_ORCH_DATA_DIR or ./.orch."
     )
 
     @model_validator(mode="after")
     def _unique_names(self) -> TapConfig:
+        if outside := sorted(s for s in self.ledger_nodes if not 0 <= s < self.ledger_shards):
+            raise ValueError(f"ledger_nodes names shards {outside}; the shards are 0..{self.ledger_shards - 1}")
         names = [m.name for m in self.models]
         if len(names) != len(set(names)):
             raise ValueError(f"model names must be unique, got {names}")

@@ -21,6 +21,7 @@ ledger actor owns the Store.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -490,6 +491,33 @@ class Store:
             " (SELECT count(*) FROM usage), (SELECT coalesce(sum(cost_micro), 0) FROM usage)"
         )
         return Audit(*(int(v) for v in row))
+
+
+def copy_database(con: duckdb.DuckDBPyConnection, dest: Path) -> tuple[int, int]:
+    """Copies the database ``con`` (a cursor of the ledger's store) is on into the new file ``dest`` in ONE
+    transaction: DuckDB reads it on a snapshot, so the copy holds every transaction committed before it began
+    and none after, however long it runs while other connections commit. Returns (the copy's last op seq, -1
+    for none; its op count)."""
+    alias = f"backup_{uuid.uuid4().hex}"  # one per copy: two backups at once never share a name
+    (source,) = con.execute("SELECT current_database()").fetchall()[0]
+    con.execute(f"ATTACH '{str(dest).replace(chr(39), chr(39) * 2)}' AS {alias}")
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f'COPY FROM DATABASE "{source.replace(chr(34), chr(34) * 2)}" TO {alias}')
+            ops, last = con.execute(f"SELECT count(*), coalesce(max(seq), -1) FROM {alias}.ops").fetchall()[0]
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute(f"CHECKPOINT {alias}")  # all of it in the one file: no WAL beside it
+    finally:
+        con.execute(f"DETACH {alias}")
+    return int(last), int(ops)
+
+
+def _literal(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def _usage_filter(tenant_id: str | None, since: datetime | None, until: datetime | None) -> tuple[str, list[Any]]:

@@ -90,6 +90,10 @@ class TapSpec(StrictModel):
         description="The stack's tenant ledger shards (every gateway must use the same count); `tap create` "
         "fills it from the stack's config; unset means 1.",
     )
+    ledger_nodes: dict[int, str] = Field(
+        default_factory=dict,
+        description="The stack's shard -> node resource map (TapConfig.ledger_nodes); `tap create` fills it.",
+    )
 
     @model_validator(mode="before")
     @classmethod

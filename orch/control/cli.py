@@ -10,6 +10,8 @@ llama-orch account TENANT_ID | usage TENANT_ID [--since --until --group-by day|m
 llama-orch tap create CLIENT --model ID --gpus N [--min 1 --max 3] | tap list | tap scale | tap delete
 llama-orch tools list                         # the toolkit's tools from installed plugins
 llama-orch batch PROMPTS.jsonl --model M --out OUT.parquet [--cap MICRO_CREDITS]   # key: $LLAMA_ORCH_API_KEY
+llama-orch backup DEST                        # the running stack's ledger shards and secrets, into a new folder
+llama-orch restore SRC [--force]              # a backup into the data dir (the stack down)
 
 The admin commands call the running stack's admin API with the admin key
 ($LLAMA_ORCH_ADMIN_KEY, else <data dir>/admin_key).
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--num-cpus", type=int, default=max(8, os.cpu_count() or 1), help="logical CPUs of a new head")
     up.add_argument("--num-gpus", type=int, default=0, help="GPUs a new head declares (fake where none exist)")
     up.add_argument("--timeout", type=float, default=900, help="seconds to wait for the endpoint")
-    sub.add_parser("status", help="show the cluster, apps and endpoint")
+    sub.add_parser("status", help="show the cluster, apps, ledger shards and endpoint")
+    sub.add_parser("check", help="check every ledger shard's money invariants over its file (exit 1 on a violation)")
     sub.add_parser("down", help="stop what `up` started")
     cli_admin.add_parsers(sub)
     cli_tap.add_parsers(sub)
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(root)
         if args.command == "down":
             return cmd_down(root)
+        if args.command == "check":
+            return cmd_check(root)
+        if args.command in cli_admin.DATA_DIR_COMMANDS:
+            return cli_admin.run_data_dir(root, args)
         if args.command == "tap":
             return cli_tap.run(root, args)
         if args.command == "tools":
@@ -332,9 +339,61 @@ def cmd_status(root: Path) -> int:
             for line in _replica_lines(reports.get((name, dep_name), [])):
                 print("    " + line)
     record = read_up(root)
+    for line in _ledger_lines(record["config"] if record else None):
+        print(line)
     if record:
         print(f"endpoint: {record['base_url']}/v1")
     return 0
+
+
+def cmd_check(root: Path) -> int:
+    """``orch.invariants.check_invariants`` on each shard of the running stack, over its own file (a full
+    replay on the shard's loop: seconds per million ops, while the shard answers nothing else)."""
+    import asyncio
+
+    from actors.ledger_client import LedgerClient
+    from orch.control.tapctl import stack_ledger_layout
+
+    state, record = read_state(root), read_up(root)
+    address = os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None)
+    if address is None or record is None:
+        print("no llama-orch stack is running for data dir", root, file=sys.stderr)
+        return 1
+    connect(address, state)
+    shards, nodes = stack_ledger_layout(record["config"])
+    ledger = LedgerClient(root, shards, deadline_s=600, nodes=nodes)
+    failed = 0
+    for shard in range(shards):
+        try:
+            f = asyncio.run(ledger.call(shard, "check_invariants"))
+        except Exception as exc:  # an AssertionError from the shard names the invariant
+            print(f"ledger shard {shard}: VIOLATION {exc}")
+            failed += 1
+            continue
+        print(f"ledger shard {shard}: ok, {f['ops']:,} ops, {f['tenants']} tenants, granted {f['granted']:,}, "
+              f"debited {f['debited']:,}, held {f['held']:,} µc, {f['usage_rows']:,} usage rows")  # fmt: skip
+    return 1 if failed else 0
+
+
+def _ledger_lines(config: dict[str, Any] | None) -> list[str]:
+    """Where each ledger shard runs (``ledger_nodes`` places shards off the head); a shard not started yet
+    is said so, never created here."""
+    import ray
+
+    from actors.ledger import NAMESPACE, shard_name
+    from orch.control.tapctl import stack_ledger_layout
+
+    shards, nodes = stack_ledger_layout(config) if config else (1, {})
+    lines = []
+    for shard in range(shards):
+        where = f" (resource {nodes[shard]})" if shard in nodes else " (head)"
+        try:
+            actor = ray.get_actor(shard_name(shard), namespace=NAMESPACE)
+            placed: Any = ray.get(actor.placement.remote(), timeout=10)
+            lines.append(f"ledger shard {shard}: node {placed['node_id'][:12]}{where}")
+        except Exception as exc:  # not created yet, or waiting for its node
+            lines.append(f"ledger shard {shard}: not running{where} ({type(exc).__name__})")
+    return lines
 
 
 def _replica_reports() -> dict[tuple[str, str], list[ReplicaReport]]:

@@ -1,8 +1,10 @@
-"""``llama-orch tenants|keys|credits|account|usage``: thin clients of the running stack's admin API.
+"""``llama-orch tenants|keys|credits|account|usage``: thin clients of the running stack's admin API; and
+``backup|restore`` of the data dir's money state (:mod:`orch.backup`).
 
 They call it over HTTP with the admin key (``$LLAMA_ORCH_ADMIN_KEY``, else ``<data dir>/admin_key``);
 :class:`AdminClient` retries only a refused connection, so a request that may have arrived is never
-sent twice (grants and tenants carry idempotency keys, so rerunning a command is safe).
+sent twice (grants and tenants carry idempotency keys, so rerunning a command is safe). ``backup`` asks
+each ledger shard's actor over Ray for a copy of its file; ``restore`` needs the stack down.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 COMMANDS = ("tenants", "keys", "credits", "account", "usage")
+DATA_DIR_COMMANDS = ("backup", "restore")
 
 
 def admin_key(root: Path) -> str:
@@ -114,6 +117,11 @@ def add_parsers(sub: Any) -> None:
     for p in (create, ts, kc, kr, grant, account, usage, tenants.choices["list"]):
         p.add_argument("--url", help="the stack's base URL (default: the one `up` recorded)")
         p.add_argument("--json", action="store_true", help="print the API's JSON")
+    backup = sub.add_parser("backup", help="copy the running stack's ledger shards and secrets into a new folder")
+    backup.add_argument("dest", type=Path, help="a new or empty folder")
+    restore = sub.add_parser("restore", help="restore a backup into the data dir (the stack must be down)")
+    restore.add_argument("src", type=Path, help="a folder `llama-orch backup` wrote")
+    restore.add_argument("--force", action="store_true", help="replace the data dir's ledger files and secrets")
 
 
 def run(root: Path, args: argparse.Namespace, recorded_base_url: str | None) -> int:
@@ -169,6 +177,49 @@ def run(root: Path, args: argparse.Namespace, recorded_base_url: str | None) -> 
         out = client.request("GET", path, query=query)
         text = _usage_text(out)
     print(json.dumps(out, indent=2) if args.json else text)
+    return 0
+
+
+def run_data_dir(root: Path, args: argparse.Namespace) -> int:
+    """``backup DEST``: each ledger shard of the running stack copies its own file (one consistent read while
+    it goes on committing) into ``DEST``, with the data dir's secrets and a manifest. ``restore SRC``: the
+    backup, checked against its manifest, into the data dir of a stopped stack."""
+    try:
+        return _backup_or_restore(root, args)
+    except OSError as exc:  # a folder not writable, a disk full: one line, not a traceback
+        raise RuntimeError(f"{args.command}: {exc.strerror or exc}: {exc.filename}") from None
+
+
+def _backup_or_restore(root: Path, args: argparse.Namespace) -> int:
+    from orch.backup import backup, ledger_file, restore
+    from orch.keys import PEPPER_ENV, PEPPER_FILE
+
+    if args.command == "restore":
+        manifest = restore(args.src, root, force=args.force)
+        print(f"restored the backup of {manifest['created_at']} into {root}: {', '.join(manifest['files'])}")
+        print(f"start it with ledger_shards: {manifest['shards']} (`llama-orch up`)")
+        return 0
+    import asyncio
+
+    from actors.ledger_client import LedgerClient
+    from orch.control.cluster import connect, read_state, read_up
+    from orch.control.tapctl import stack_ledger_layout
+
+    record, state = read_up(root), read_state(root)
+    if record is None or "config" not in record or (state is None and not os.environ.get("RAY_ADDRESS")):
+        raise RuntimeError(f"no stack runs for data dir {root}; backup copies a running stack's ledger (`up` first)")
+    connect(os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None), state)
+    shards, nodes = stack_ledger_layout(record["config"])
+    manifest = asyncio.run(backup(root, args.dest, shards, LedgerClient(root, shards, nodes=nodes).call))
+    for name, f in manifest["files"].items():
+        copied = f"{f['ops']:,} ops (to seq {f['seq']}), " if "seq" in f else ""
+        print(f"{name}: {copied}{f['bytes']:,} bytes" + (f", {f['seconds']:.2f} s" if "seconds" in f else ""))
+    for shard, node in sorted(nodes.items()):
+        if manifest["files"][ledger_file(shard)].get("elsewhere"):
+            print(f"{ledger_file(shard)} was written on the node of resource {node}: copy it into {args.dest} here")
+    if PEPPER_FILE not in manifest["files"] and os.environ.get(PEPPER_ENV):
+        print(f"the key pepper is ${PEPPER_ENV}'s, not a file: keep it with the backup", file=sys.stderr)
+    print(f"backup of {shards} ledger shard(s) in {args.dest.resolve()}")
     return 0
 
 

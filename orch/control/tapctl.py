@@ -65,29 +65,31 @@ def tap_application(spec: TapSpec) -> dict[str, Any]:
     }
 
 
-def stack_ledger_shards(base: dict[str, Any]) -> int:
-    """The ledger shard count of the stack's other apps (one per stack: a tenant's shard is its id's
-    hash modulo the count, so every gateway must use the same count)."""
-    counts = {
-        int(a.get("args", {}).get("ledger_shards", 1))
+def stack_ledger_layout(base: dict[str, Any]) -> tuple[int, dict[int, str]]:
+    """The ledger shard count and shard -> node resource map of the stack's other apps (one per stack: a
+    tenant's shard is its id's hash modulo the count, so every gateway must use the same count and nodes)."""
+    layouts = {
+        (int(args.get("ledger_shards", 1)), tuple(sorted((int(k), v) for k, v in args.get("ledger_nodes", {}).items())))
         for a in base["applications"]
         if is_tap(a) and a.get("import_path") != PRIVATE_IMPORT_PATH
+        for args in [a.get("args", {})]
     }
-    if len(counts) > 1:
-        raise ValueError(f"the stack's apps disagree on ledger_shards: {sorted(counts)}")
-    return counts.pop() if counts else 1
+    if len(layouts) > 1:
+        raise ValueError(f"the stack's apps disagree on ledger_shards / ledger_nodes: {sorted(layouts)}")
+    shards, nodes = layouts.pop() if layouts else (1, ())
+    return shards, dict(nodes)
 
 
 def desired_config(base: dict[str, Any], taps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``up``'s config with its private apps replaced by the registered taps (``{client: {"spec": ...}}``);
     each tap routes tenants to the stack's ledger shards."""
-    shards = stack_ledger_shards(base)
+    shards, nodes = stack_ledger_layout(base)
     apps = [a for a in base["applications"] if a.get("import_path") != PRIVATE_IMPORT_PATH]
     for _, entry in sorted(taps.items()):
         spec = TapSpec.model_validate(entry["spec"])
         if spec.ledger_shards not in (None, shards):
             raise ValueError(f"tap '{spec.client}' has ledger_shards {spec.ledger_shards}; the stack runs {shards}")
-        apps.append(tap_application(spec.model_copy(update={"ledger_shards": shards})))
+        apps.append(tap_application(spec.model_copy(update={"ledger_shards": shards, "ledger_nodes": nodes})))
     return {**base, "applications": apps}
 
 
