@@ -1,6 +1,8 @@
 """Fuzzing the session's real stack with hypothesis: generated bodies for the OpenAI routes (valid requests with
 one field set to anything JSON can say, fields dropped, odd unicode, absurd ``max_tokens``, raw bytes). Every
-answer is below 500, and every refusal is OpenAI-shaped (``{"error": {message, type, param, code}}``).
+answer is below 500, and every refusal is OpenAI-shaped (``{"error": {message, type, param, code}}``). Then
+schemathesis generates cases from the OpenAPI document the gateway serves (``GET /openapi.json``): no 5xx,
+answers as the document says, and bodies the document calls invalid refused.
 
 Bounded: a fixed number of cases per route (``LLAMA_ORCH_FUZZ_CASES`` scales it), each a small request
 (``max_tokens`` stays tiny unless it is the field under test, and then it is absurd or of the wrong type).
@@ -15,9 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from orch import openapi
 from tests.integration.conftest import MODEL, Stack
 from tests.integration.test_bad_input import new_key
 from tests.reliability.table import figure
@@ -94,6 +98,12 @@ def client(stack: Stack) -> Any:
     figure("fuzz cases tried (OpenAI routes, live stack)", cases)
     figure("fuzz 5xx", fives)
     figure("fuzz statuses", dict(sorted((k, v) for k, v in seen.items() if k.startswith("status"))))
+    figure(
+        "schemathesis cases (served OpenAPI document)",
+        sum(v for k, v in seen.items() if k.startswith("schemathesis ") and "status" not in k),
+    )
+    figure("schemathesis statuses", dict(sorted((k.split()[-1], v) for k, v in seen.items()
+                                                if k.startswith("schemathesis status"))))  # fmt: skip
 
 
 def check(client: httpx.Client, path: str, body: Any, raw: bytes | None = None) -> None:
@@ -145,3 +155,46 @@ def test_the_fuzzing_reached_the_engines_and_the_validation(client: httpx.Client
     """The cases above were not all refused at the door: some were served, some refused as bad input."""
     assert seen["status 200"] > 0 and seen["status 400"] > 0, dict(seen)
     assert seen["status 401"] == seen["status 403"] == 0, dict(seen)
+
+
+DOCUMENT = schemathesis.openapi.from_dict(openapi.document("public"))  # what the public tap serves (checked below)
+OPERATIONS = [result.ok() for result in DOCUMENT.get_all_operations()]
+SERVED_CHECKS = [getattr(schemathesis.checks, name) for name in ("not_a_server_error", "status_code_conformance",
+                 "content_type_conformance", "response_schema_conformance", "negative_data_rejection")]  # fmt: skip
+MODELS = {"/v1/chat/completions": MODEL, "/v1/completions": MODEL, "/v1/embeddings": EMBEDDING_MODEL}
+
+
+def test_the_gateway_serves_its_openapi_document(stack: Stack) -> None:
+    served = httpx.get(stack.base_url + "/openapi.json", timeout=30)  # open, as /health
+    assert served.status_code == 200 and served.json() == openapi.document("public"), served.text[:300]
+    assert {op.label for op in OPERATIONS} >= {"POST /v1/chat/completions", "POST /v1/completions",
+                                               "POST /v1/embeddings", "GET /v1/models"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("operation", "mode"),
+    [(op, mode) for op in OPERATIONS for mode in ("positive", "negative") if mode == "positive" or op.method == "post"],
+    ids=lambda x: x if isinstance(x, str) else x.label,
+)
+@settings(FUZZ, max_examples=int(15 * SCALE))
+@given(data=st.data())
+def test_the_served_openapi_document_holds(
+    client: httpx.Client, stack: Stack, operation: Any, mode: str, data: st.DataObject
+) -> None:
+    """Schemathesis cases from the document: positive ones (valid bodies reach the engine, with the served
+    model and a tiny length) and, for bodies, negative ones (which the gateway must refuse with a 4xx)."""
+    from schemathesis.generation.modes import GenerationMode
+
+    case = data.draw(operation.as_strategy(GenerationMode(mode)))
+    body = case.body
+    if mode == "positive" and isinstance(body, dict) and case.path in MODELS:
+        body["model"] = MODELS[case.path]
+        for field in ("max_tokens", "max_completion_tokens", "min_tokens", "n"):
+            if field in body or field == "max_tokens":
+                body[field] = (
+                    min(body[field], 2) if type(body.get(field)) is int else (0 if field == "min_tokens" else 2)
+                )
+    response = case.call(base_url=stack.base_url, headers={"Authorization": client.headers["authorization"]})
+    seen[f"schemathesis {case.method} {case.path}"] += 1
+    seen[f"schemathesis status {response.status_code}"] += 1
+    case.validate_response(response, checks=SERVED_CHECKS)
