@@ -312,7 +312,8 @@ def _param_name(loc: list[Any]) -> str:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON true is not the integer 1, nor "5" the number 5 (schemathesis found {"tpm": true} taken as 1)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class CreateTenantBody(_Body):

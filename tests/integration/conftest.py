@@ -151,3 +151,28 @@ def ray_driver(stack: Stack) -> Iterator[None]:
     ray.init(address=stack.gcs_address, namespace="serve", log_to_driver=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+def kill_replica(actor_name: str, namespace: str = "serve") -> None:
+    """Kills a Serve replica's actor (Serve replaces it) and the vLLM engine processes it had started: a
+    killed actor leaves its engine core and workers running, orphans holding gigabytes that later tests'
+    engines then find missing (Ray's memory monitor kills workers at 95%)."""
+    import psutil
+    import ray
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    pids = [r["pid"] for app in details["applications"].values() for d in app["deployments"].values()
+            for r in d["replicas"] if r.get("actor_name") == actor_name and r.get("pid")]  # fmt: skip
+    engines = []
+    for pid in pids:
+        try:
+            engines += psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    ray.kill(ray.get_actor(actor_name, namespace=namespace), no_restart=True)
+    for process in engines:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass

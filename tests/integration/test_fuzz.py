@@ -176,7 +176,7 @@ def test_the_gateway_serves_its_openapi_document(stack: Stack) -> None:
     [(op, mode) for op in OPERATIONS for mode in ("positive", "negative") if mode == "positive" or op.method == "post"],
     ids=lambda x: x if isinstance(x, str) else x.label,
 )
-@settings(FUZZ, max_examples=int(15 * SCALE))
+@settings(FUZZ, max_examples=int(6 * SCALE))
 @given(data=st.data())
 def test_the_served_openapi_document_holds(
     client: httpx.Client, stack: Stack, operation: Any, mode: str, data: st.DataObject

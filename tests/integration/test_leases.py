@@ -16,7 +16,7 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.conftest import LEASE_TTL_S, MODEL, TAP_REPLICAS, Stack
+from tests.integration.conftest import LEASE_TTL_S, MODEL, TAP_REPLICAS, Stack, kill_replica
 from tests.integration.test_tap_billing import QUESTION, account, new_tenant, served_cost, shard_invariants, usage
 from tests.reliability.table import record
 
@@ -72,7 +72,7 @@ def test_killing_a_tap_replica_under_load_leaves_the_ledger_exact(stack: Stack, 
 
             async def kill() -> None:
                 await asyncio.sleep(1.0)
-                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+                kill_replica(victim)
 
             results = await asyncio.gather(*(one(i) for i in range(60)), kill())
             return [r for r in results if r is not None]

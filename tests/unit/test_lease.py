@@ -150,7 +150,7 @@ def test_a_storm_never_overspends_and_every_cost_is_a_usage_row() -> None:
         await asyncio.sleep(FAST.idle_s * 3)
 
     asyncio.run(scenario())
-    assert 20 <= len(admitted) < 300
+    assert 10 <= len(admitted) < 300  # how many fit depends on timing: a loaded machine admits fewer
     assert sorted(r.request_id for r in ledger.rows) == sorted(f"r{i}" for i in admitted)
     assert ledger.account().held == 0
     ledger.check(grant)
