@@ -36,6 +36,11 @@ class LedgerClient:
     def shards(self) -> int:
         return len(self._handles)
 
+    @property
+    def nodes(self) -> dict[int, str]:
+        """Shard -> the custom resource of the node that holds its file (shards not listed: the head)."""
+        return self._nodes
+
     def shard_of(self, tenant_id: str) -> int:
         return zlib.crc32(tenant_id.encode()) % len(self._handles)
 

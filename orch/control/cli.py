@@ -351,19 +351,9 @@ def cmd_check(root: Path) -> int:
     replay on the shard's loop: seconds per million ops, while the shard answers nothing else)."""
     import asyncio
 
-    from actors.ledger_client import LedgerClient
-    from orch.control.tapctl import stack_ledger_layout
-
-    state, record = read_state(root), read_up(root)
-    address = os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None)
-    if address is None or record is None:
-        print("no llama-orch stack is running for data dir", root, file=sys.stderr)
-        return 1
-    connect(address, state)
-    shards, nodes = stack_ledger_layout(record["config"])
-    ledger = LedgerClient(root, shards, deadline_s=600, nodes=nodes)
+    ledger = cli_admin.running_ledger(root, "check reads a running stack's ledger", deadline_s=600)
     failed = 0
-    for shard in range(shards):
+    for shard in range(ledger.shards):
         try:
             f = asyncio.run(ledger.call(shard, "check_invariants"))
         except Exception as exc:  # an AssertionError from the shard names the invariant

@@ -180,6 +180,21 @@ def run(root: Path, args: argparse.Namespace, recorded_base_url: str | None) -> 
     return 0
 
 
+def running_ledger(root: Path, why: str, deadline_s: float = 60.0) -> Any:
+    """A :class:`actors.ledger_client.LedgerClient` of the running stack's shards (where ``ledger_nodes`` puts
+    them), with this process connected to its cluster; RuntimeError (``why`` a stack is needed) when none runs."""
+    from actors.ledger_client import LedgerClient
+    from orch.control.cluster import connect, read_state, read_up
+    from orch.control.tapctl import stack_ledger_layout
+
+    record, state = read_up(root), read_state(root)
+    if record is None or "config" not in record or (state is None and not os.environ.get("RAY_ADDRESS")):
+        raise RuntimeError(f"no stack runs for data dir {root}; {why} (`up` first)")
+    connect(os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None), state)
+    shards, nodes = stack_ledger_layout(record["config"])
+    return LedgerClient(root, shards, deadline_s=deadline_s, nodes=nodes)
+
+
 def run_data_dir(root: Path, args: argparse.Namespace) -> int:
     """``backup DEST``: each ledger shard of the running stack copies its own file (one consistent read while
     it goes on committing) into ``DEST``, with the data dir's secrets and a manifest. ``restore SRC``: the
@@ -201,16 +216,9 @@ def _backup_or_restore(root: Path, args: argparse.Namespace) -> int:
         return 0
     import asyncio
 
-    from actors.ledger_client import LedgerClient
-    from orch.control.cluster import connect, read_state, read_up
-    from orch.control.tapctl import stack_ledger_layout
-
-    record, state = read_up(root), read_state(root)
-    if record is None or "config" not in record or (state is None and not os.environ.get("RAY_ADDRESS")):
-        raise RuntimeError(f"no stack runs for data dir {root}; backup copies a running stack's ledger (`up` first)")
-    connect(os.environ.get("RAY_ADDRESS") or (state.gcs_address if state else None), state)
-    shards, nodes = stack_ledger_layout(record["config"])
-    manifest = asyncio.run(backup(root, args.dest, shards, LedgerClient(root, shards, nodes=nodes).call))
+    ledger = running_ledger(root, "backup copies a running stack's ledger")
+    shards, nodes = ledger.shards, ledger.nodes
+    manifest = asyncio.run(backup(root, args.dest, shards, ledger.call))
     for name, f in manifest["files"].items():
         copied = f"{f['ops']:,} ops (to seq {f['seq']}), " if "seq" in f else ""
         print(f"{name}: {copied}{f['bytes']:,} bytes" + (f", {f['seconds']:.2f} s" if "seconds" in f else ""))
