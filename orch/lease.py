@@ -59,6 +59,11 @@ class LeaseSettings:
     min_requests: int = 4  # and at least this many more of the last request's size
     peak_window_s: float = 30.0  # and at least the most reserved at once within this long
     retry_s: float = 0.5  # after a failed renewal
+    # A finished request's last bytes wait until the renewal carrying its usage row committed (at most
+    # durable_wait_s): a replica killed after a client got a whole answer has charged for it. False: they
+    # go at once, and a crash loses the usage of the last flush_s of finished requests.
+    durable_end: bool = True
+    durable_wait_s: float = 2.0
     top_up_every_s: float = 0.5  # a lease running low is topped up at most this often
 
     @property
@@ -83,6 +88,8 @@ class Lease:
     in_flight: int = 0  # Σ reservations of the requests running on it
     unflushed: int = 0  # Σ costs of finished requests not yet in a renewal
     rows: list[UsageRow] = field(default_factory=list)
+    waiting: list[asyncio.Future[None]] = field(default_factory=list)  # requests whose rows are in ``rows``
+    sending: list[asyncio.Future[None]] = field(default_factory=list)  # and those whose rows are in ``out``
     flushing: int = 0  # Σ costs in the renewal now out
     first_row_at: float = 0.0
     renewed_at: float = 0.0
@@ -178,24 +185,35 @@ class Leases:
         lease = self._leases.get(tenant_id)
         return max(0, lease.free) if lease is not None and lease.hold_id is not None else 0
 
-    def finish(self, lease: Lease, reserved: int, row: UsageRow) -> None:
+    def finish(self, lease: Lease, reserved: int, row: UsageRow) -> asyncio.Future[None]:
         """A request admitted on ``lease`` ended: its reservation is freed, its usage row (its cost,
-        ``row.cost_micro`` <= ``reserved``) joins the next batch."""
+        ``row.cost_micro`` <= ``reserved``) joins the next batch. The future is done once that batch is
+        committed (``durable_end``; at most ``durable_wait_s``), else at once: the request's last bytes wait
+        for it. A lone request's batch goes at once; under load it joins the next flush."""
         charge = row.cost_micro
         if charge > reserved:
             raise ValueError(f"cost {charge} over its reservation {reserved}")
         now = self._clock()
         lease.in_flight -= reserved
+        durable = asyncio.get_running_loop().create_future()
         if lease.hold_id is None:  # the lease was lost (its hold expired, the balance short): can't charge
             log.error("request %s ended on a lost lease: %d micro-credits uncharged", row.request_id, charge)
-            return
+            durable.set_result(None)
+            return durable
         if not lease.rows:
             lease.first_row_at = now
         lease.unflushed += charge
         lease.rows.append(row)
         lease.last_used = now
-        if len(lease.rows) >= self.settings.flush_rows and lease.renewing is None:
+        if self.settings.durable_end:
+            lease.waiting.append(durable)
+            durable.get_loop().call_later(self.settings.durable_wait_s, _done, [durable])  # a slow ledger
+        else:
+            durable.set_result(None)
+        lone = self.settings.durable_end and lease.in_flight == 0
+        if (lone or len(lease.rows) >= self.settings.flush_rows) and lease.renewing is None:
             self._renew(lease)
+        return durable
 
     def _ask(self, lease: Lease, need: int, now: float) -> None:
         decay = math.exp(-(now - lease.demand_at) / self.settings.horizon_s)
@@ -270,6 +288,7 @@ class Leases:
             settle = Settle("settle-" + lease.hold_id, lease.hold_id, charge)
             # As Arrow here, on every gateway replica, so the ledger's one writer only inserts it.
             rows, lease.rows = fit(to_arrow(lease.rows), charge), []
+            lease.sending, lease.waiting = lease.waiting, []
             lease.flushing, lease.unflushed = lease.unflushed, 0
         else:
             rows = ()
@@ -295,6 +314,8 @@ class Leases:
             answer = await self._ledger.renew(lease.tenant_id, renewal)
             lease.out = None
             lease.flushing = 0
+            _done(lease.sending)  # their rows are committed
+            lease.sending = []
             hold = answer.hold
             if hold is not None and hold.ok:
                 lease.hold_id = renewal.hold_id
@@ -309,6 +330,8 @@ class Leases:
                           lease.tenant_id, lease.held, lease.in_flight + lease.unflushed)  # fmt: skip
                 if lease.hold_id is None:
                     lease.unflushed, lease.rows = 0, []
+                    _done(lease.waiting)  # nothing more will be charged for them
+                    lease.waiting = []
         except Exception as exc:
             lease.failed_at = self._clock()
             log.warning("lease renewal of %s failed (%s); retrying", lease.tenant_id, type(exc).__name__)
@@ -339,6 +362,12 @@ class Leases:
         if left:
             log.error("%d leases not returned at shutdown: their holds expire in %d s", left, self.settings.ttl_s)
         return left
+
+
+def _done(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 def _seen(task: asyncio.Task[None]) -> None:

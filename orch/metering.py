@@ -123,9 +123,8 @@ class Settler:
                     log.exception("releasing %s's admission place failed", meter.request_id)
             charge, row = self._usage(meter, status)
             if meter.lease is not None and self._leases is not None:
-                self._leases.finish(meter.lease, meter.held, row)
-                meter.settled = asyncio.get_running_loop().create_future()
-                meter.settled.set_result(None)  # nothing to wait for on the request path
+                # Done once the lease's batch with this row committed (LeaseSettings.durable_end).
+                meter.settled = self._leases.finish(meter.lease, meter.held, row)
             else:
                 meter.settled = self._track(self._settle_now(meter, charge, row))
             if self._observe is not None:

@@ -294,9 +294,68 @@ def test_a_lease_meter_is_settled_in_the_lease_batch_without_a_ledger_call() -> 
                       lease=lease)  # fmt: skip
         meter.last = Delta("hi", 10, 5, "stop")
         done = settler.settle(meter, "ok")
-        assert done.done() and lease.unflushed == 20 and lease.in_flight == 0
-        await settle_soon(leases)
+        assert not done.done() and lease.unflushed == 20 and lease.in_flight == 0
+        await done  # the request's last bytes wait for its row's batch: committed when this is done
         assert [(r.request_id, r.cost_micro) for r in ledger.rows] == [("cmpl-1", 20)]
+
+    asyncio.run(scenario())
+
+
+def test_a_finished_request_is_done_once_its_row_is_committed_alone_at_once_under_load_with_the_flush() -> None:
+    ledger = FakeLeaseLedger(100_000)
+    leases = Leases(ledger, "public", LeaseSettings(flush_s=0.05, idle_s=5, durable_wait_s=5))
+
+    async def scenario() -> None:
+        lone = await leases.admit(T, 100)
+        assert lone is not None
+        calls = len(ledger.calls)
+        done = leases.finish(lone, 100, row("lone", 10))
+        await asyncio.wait_for(done, 0.04)  # its own renewal, not the next flush
+        assert len(ledger.calls) == calls + 1 and [r.request_id for r in ledger.rows] == ["lone"]
+        running = [await leases.admit(T, 100) for _ in range(3)]
+        assert all(running)
+        ended = [leases.finish(lease, 100, row(f"r{i}", 10)) for i, lease in enumerate(running[:2]) if lease]
+        await asyncio.sleep(0)
+        assert not any(f.done() for f in ended)  # one still runs: they join the next flush
+        await asyncio.wait_for(asyncio.gather(*ended), 1.0)
+        assert {"r0", "r1"} <= {r.request_id for r in ledger.rows}
+        assert running[2] is not None
+        await leases.finish(running[2], 100, row("r2", 10))
+        await leases.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_ledger_that_does_not_answer_holds_a_request_end_at_most_durable_wait_s() -> None:
+    ledger = FakeLeaseLedger(100_000)
+    leases = Leases(ledger, "public", LeaseSettings(flush_s=0.01, retry_s=0.01, durable_wait_s=0.2))
+
+    async def scenario() -> None:
+        lease = await leases.admit(T, 100)
+        assert lease is not None
+        ledger.fail = 10**6  # every renewal from now on fails
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(leases.finish(lease, 100, row("a", 10)), 1.0)
+        assert 0.15 <= asyncio.get_running_loop().time() - t0 < 1.0
+        assert ledger.rows == []  # not committed: the row is still in the retried batch
+        ledger.fail = 0
+        await asyncio.sleep(0.1)
+        assert [r.request_id for r in ledger.rows] == ["a"]  # the retry committed it, once
+        await leases.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_without_durable_end_a_request_end_waits_for_nothing() -> None:
+    ledger = FakeLeaseLedger(100_000)
+    leases = Leases(ledger, "public", LeaseSettings(flush_s=0.01, durable_end=False))
+
+    async def scenario() -> None:
+        lease = await leases.admit(T, 100)
+        assert lease is not None
+        assert leases.finish(lease, 100, row("a", 10)).done() and ledger.rows == []
+        await leases.close(1.0)
+        assert [r.request_id for r in ledger.rows] == ["a"]
 
     asyncio.run(scenario())
 
