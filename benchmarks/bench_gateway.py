@@ -56,8 +56,12 @@ TAP_ENV = {HAPROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}
 # and post_call: installed by scripts/check): what a hook costs, beside the tap with none.
 HOOKED = "tap, a no-op hook"
 TAP_ARGS[HOOKED] = TAP_ARGS[TAP] | {"hooks": ["faulty"]}
+# The tap whose requests end without waiting for their usage row's commit (durable_usage: false): what the
+# promise "a client that got its whole answer was charged" costs, beside the tap as configured.
+UNAWAITED = "tap, usage not awaited"
+TAP_ARGS[UNAWAITED] = TAP_ARGS[TAP] | {"durable_usage": False}
 PHASES = {"tap": TAP, "separate": SEPARATE, "holds": HOLDS, "no-hold": NO_HOLD, "haproxy": HAPROXY,
-          "hooks": HOOKED}  # --only  # fmt: skip
+          "hooks": HOOKED, "unawaited": UNAWAITED}  # --only  # fmt: skip
 GOALS = {  # issue 9's, for the tap with credit billing (the default config)
     "throughput_ratio": (">=", 0.95),
     "single_stream_throughput_ratio": (">=", 0.95),
@@ -146,6 +150,7 @@ def table(phases: dict[str, dict[str, Any]]) -> str:
 def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     bare, tap, separate = phases.get(BARE, {}), phases.get(TAP, {}), phases.get(SEPARATE, {})
     holds, no_hold, haproxy = phases.get(HOLDS, {}), phases.get(NO_HOLD, {}), phases.get(HAPROXY, {})
+    unawaited = phases.get(UNAWAITED, {})
 
     def diff(*path: str, base: dict[str, Any] = bare, over: dict[str, Any] = tap) -> float | None:
         a, b = _value(base, *path), _value(over, *path)
@@ -176,6 +181,10 @@ def comparison(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "holds_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=holds, over=separate),
         "hold_added_single_stream_ttft_p50_ms": diff("single_stream", "ttft_ms", "p50", base=no_hold, over=holds),
         "hold_added_ttft_p50_ms": diff("summary", "ttft_ms", "p50", base=no_hold, over=holds),
+        # What waiting for each request's usage commit costs (durable_usage): the tap against it without
+        "durable_usage_throughput_ratio": _ratio(tap, unawaited),
+        "durable_usage_added_latency_p50_ms": diff("summary", "latency_ms", "p50", base=unawaited),
+        "durable_usage_added_single_stream_latency_p50_ms": diff("single_stream", "latency_ms", "p50", base=unawaited),
     }
 
 

@@ -286,6 +286,12 @@ class TapConfig(StrictModel):
     lease_ttl_s: int = Field(
         30, ge=10, le=3600, description="A lease's hold times out after this unless renewed (a dead replica's lease)."
     )
+    durable_usage: bool = Field(
+        True,
+        description="credit leases: a request's last bytes leave once its usage row is committed (its batch goes at "
+        "once, or right after the renewal out), so a replica that dies after a client got its whole answer has "
+        "charged it; false: they leave at once and a crash may leave the last 50 ms of finished requests uncharged.",
+    )
     hooks: list[str | HookSpec] = Field(
         default_factory=list,
         description="Gateway hooks (orch/hooks.py) from the llama_orch.hooks entry points, run in this order: "

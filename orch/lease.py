@@ -16,8 +16,10 @@ the renewal that made it was sent, so it never spends a hold the ledger may alre
 
 Invariants (:meth:`Lease.check`): running reservations + costs not yet settled <= the lease hold, and
 the hold <= the balance (the ledger's rule for every hold). A request's cost never exceeds its
-reservation, so a Settle never exceeds its hold: no overspend. A crash loses the usage of the requests
-then running and of at most the last ``flush_s`` of finished ones: an under-charge, never an overspend.
+reservation, so a Settle never exceeds its hold: no overspend. With ``durable_end`` (the default) a
+request's last bytes leave only once its usage row is committed, so a crash loses only the usage of the
+requests then running (an under-charge, never an overspend); without it, also that of at most the last
+``flush_s`` of finished ones.
 
 :class:`Leases` is pure asyncio over :class:`LeaseLedger` (``actors.ledger.LedgerClient``);
 ``tests/unit/test_lease.py`` runs it against the real in-memory :class:`orch.ledger.Ledger`.
@@ -60,8 +62,9 @@ class LeaseSettings:
     peak_window_s: float = 30.0  # and at least the most reserved at once within this long
     retry_s: float = 0.5  # after a failed renewal
     # A finished request's last bytes wait until the renewal carrying its usage row committed (at most
-    # durable_wait_s): a replica killed after a client got a whole answer has charged for it. False: they
-    # go at once, and a crash loses the usage of the last flush_s of finished requests.
+    # durable_wait_s): a replica killed after a client got a whole answer has charged for it. Its batch goes
+    # at once or right after the renewal out. False: they go at once, rows go every flush_s, and a crash
+    # loses the usage of the last flush_s of finished requests.
     durable_end: bool = True
     durable_wait_s: float = 2.0
     top_up_every_s: float = 0.5  # a lease running low is topped up at most this often
@@ -189,7 +192,8 @@ class Leases:
         """A request admitted on ``lease`` ended: its reservation is freed, its usage row (its cost,
         ``row.cost_micro`` <= ``reserved``) joins the next batch. The future is done once that batch is
         committed (``durable_end``; at most ``durable_wait_s``), else at once: the request's last bytes wait
-        for it. A lone request's batch goes at once; under load it joins the next flush."""
+        for it. The batch goes at once, or, while a renewal is out, right after it: a row waits at most two
+        ledger round trips."""
         charge = row.cost_micro
         if charge > reserved:
             raise ValueError(f"cost {charge} over its reservation {reserved}")
@@ -210,8 +214,8 @@ class Leases:
             durable.get_loop().call_later(self.settings.durable_wait_s, _done, [durable])  # a slow ledger
         else:
             durable.set_result(None)
-        lone = self.settings.durable_end and lease.in_flight == 0
-        if (lone or len(lease.rows) >= self.settings.flush_rows) and lease.renewing is None:
+        # Durable: the batch goes now, or as soon as the renewal out returns (a group commit per replica).
+        if (self.settings.durable_end or len(lease.rows) >= self.settings.flush_rows) and lease.renewing is None:
             self._renew(lease)
         return durable
 
@@ -338,6 +342,8 @@ class Leases:
             raise
         finally:
             lease.renewing = None
+        if self.settings.durable_end and lease.waiting and lease.hold_id is not None and not self._closed:
+            self._renew(lease)  # the rows of requests that ended while this one was out
 
     async def close(self, timeout_s: float) -> int:
         """Stops admitting, settles every lease's batch and returns its hold; waits up to ``timeout_s``.

@@ -301,27 +301,34 @@ def test_a_lease_meter_is_settled_in_the_lease_batch_without_a_ledger_call() -> 
     asyncio.run(scenario())
 
 
-def test_a_finished_request_is_done_once_its_row_is_committed_alone_at_once_under_load_with_the_flush() -> None:
+def test_a_finished_request_is_done_once_its_row_is_committed_at_once_or_right_after_the_renewal_out() -> None:
     ledger = FakeLeaseLedger(100_000)
-    leases = Leases(ledger, "public", LeaseSettings(flush_s=0.05, idle_s=5, durable_wait_s=5))
+    leases = Leases(ledger, "public", LeaseSettings(flush_s=10, idle_s=60, durable_wait_s=5))  # no timed flush
 
     async def scenario() -> None:
         lone = await leases.admit(T, 100)
         assert lone is not None
         calls = len(ledger.calls)
         done = leases.finish(lone, 100, row("lone", 10))
-        await asyncio.wait_for(done, 0.04)  # its own renewal, not the next flush
+        await asyncio.wait_for(done, 0.5)  # its own renewal, at once
         assert len(ledger.calls) == calls + 1 and [r.request_id for r in ledger.rows] == ["lone"]
-        running = [await leases.admit(T, 100) for _ in range(3)]
+        running = [await leases.admit(T, 100) for _ in range(4)]
         assert all(running)
-        ended = [leases.finish(lease, 100, row(f"r{i}", 10)) for i, lease in enumerate(running[:2]) if lease]
+        ledger.delay_s = 0.05  # a renewal is out while more requests end
+        first = leases.finish(running[0], 100, row("r0", 10))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        calls = len(ledger.calls)
+        ended = [leases.finish(lease, 100, row(f"r{i}", 10)) for i, lease in enumerate(running[1:3], 1) if lease]
         await asyncio.sleep(0)
-        assert not any(f.done() for f in ended)  # one still runs: they join the next flush
-        await asyncio.wait_for(asyncio.gather(*ended), 1.0)
-        assert {"r0", "r1"} <= {r.request_id for r in ledger.rows}
-        assert running[2] is not None
-        await leases.finish(running[2], 100, row("r2", 10))
+        assert not first.done() and not any(f.done() for f in ended) and len(ledger.calls) == calls  # wait
+        await asyncio.wait_for(first, 1.0)
+        assert not any(f.done() for f in ended)  # their rows were not in that renewal
+        await asyncio.wait_for(asyncio.gather(*ended), 1.0)  # the next one, sent as it returned: one more call
+        assert len(ledger.calls) == calls + 1 and {"r0", "r1", "r2"} <= {r.request_id for r in ledger.rows}
+        assert running[3] is not None
+        await leases.finish(running[3], 100, row("r3", 10))
         await leases.close(1.0)
+        ledger.check(100_000)
 
     asyncio.run(scenario())
 
