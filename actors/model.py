@@ -18,6 +18,7 @@ from orch.billing import PromptLimits
 from orch.config import EngineConfig, ModelConfig
 from orch.embeddings import Embedded, EmbeddingJob
 from orch.engine import Delta, Engine, EngineStats, GenerationRequest, VLLMEngine
+from orch.engine_guard import start_guard, stop_guard
 from orch.models import cuda_available, resolve_model_source
 from orch.startup import EngineStartError, describe, own_log_tail
 from orch.tapspec import effective_tensor_parallel
@@ -52,6 +53,8 @@ class ModelActor:
                 log.warning("%s: %s", config.name, self.note)
         self.engine_config = engine_config
         self.engine: Engine = engine or self._engine(resolve_model_source(config.source, data_dir), engine_config)
+        self._guarded = engine is None  # vLLM's processes: ended by a guard if this process dies hard
+        self._guard: Any = None
 
     def _engine(self, path: str, engine_config: EngineConfig) -> Engine:
         if self.config.task == "embed":
@@ -61,6 +64,8 @@ class ModelActor:
         return VLLMEngine(path, engine_config, stream_interval=self.config.stream_interval)
 
     async def start(self) -> None:
+        if self._guarded and self._guard is None:
+            self._guard = start_guard()  # before the engine's processes exist: a kill while it starts ends them too
         try:
             await self.engine.start()
         except Exception as exc:  # one line with the root cause, for `up` and `tap` to print
@@ -115,3 +120,5 @@ class ModelActor:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        stop_guard(self._guard)
+        self._guard = None

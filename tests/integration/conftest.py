@@ -154,12 +154,14 @@ def ray_driver(stack: Stack) -> Iterator[None]:
 
 
 def kill_replica(actor_name: str, namespace: str = "serve") -> None:
-    """Kills a Serve replica's actor (Serve replaces it) and the vLLM engine processes it had started: a
-    killed actor leaves its engine core and workers running, orphans holding gigabytes that later tests'
-    engines then find missing (Ray's memory monitor kills workers at 95%)."""
+    """Kills a Serve replica's actor (Serve replaces it) and checks that its engine guard
+    (``orch.engine_guard``) ends the vLLM processes it had started: orphans would hold gigabytes (on a GPU,
+    its memory) that the replacement then finds missing. Ends any left itself, so later tests are not hurt."""
     import psutil
     import ray
     from ray.serve.context import _get_global_client
+
+    from orch.engine_guard import end
 
     details = _get_global_client().get_serve_details()
     pids = [r["pid"] for app in details["applications"].values() for d in app["deployments"].values()
@@ -167,12 +169,13 @@ def kill_replica(actor_name: str, namespace: str = "serve") -> None:
     engines = []
     for pid in pids:
         try:
-            engines += psutil.Process(pid).children(recursive=True)
+            engines += [
+                p for p in psutil.Process(pid).children(recursive=True) if "engine_guard" not in " ".join(p.cmdline())
+            ]
         except psutil.NoSuchProcess:
             pass
     ray.kill(ray.get_actor(actor_name, namespace=namespace), no_restart=True)
-    for process in engines:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _, left = psutil.wait_procs(engines, timeout=20)  # the guard's poll, its grace, SIGKILL
+    if left:
+        end({p.pid: p.create_time() for p in left if p.is_running()}, 0)
+    assert engines and not left, f"the engine guard left {left} of {engines} running"
