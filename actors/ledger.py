@@ -76,6 +76,7 @@ class LedgerService:
         store: Store | None = None,
         on_broken: Callable[[], None] | None = None,
         snapshot_every: int | None = None,
+        snapshot_aside: bool = False,
     ) -> None:
         self._db_path = db_path
         self._store = Store(db_path) if store is None else store
@@ -85,6 +86,10 @@ class LedgerService:
         self._usage_slots = asyncio.Semaphore(self.USAGE_QUERIES)
         self._rates = RateWindows()  # in memory: a restart forgets the last minute's counts
         self._snapshot_every = self.SNAPSHOT_EVERY if snapshot_every is None else snapshot_every
+        # Snapshots on the loop pickle the whole ledger there (~1 s at the default size); aside, a forked
+        # child does (orch.snapshot.dumps_aside) and a worker thread writes it: the loop pauses for the fork.
+        self._snapshot_aside = snapshot_aside and hasattr(os, "fork")
+        self._snapshotting: asyncio.Task[None] | None = None
         self._pepper: bytes | None = None
         self._pending: list[tuple[Op | None, Result, Usage, asyncio.Future[Result]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -119,11 +124,40 @@ class LedgerService:
     def _snapshot_if_due(self) -> None:
         """Writes a snapshot once ``snapshot_every`` ops were committed since the last. Called only when the
         ledger holds exactly what the file does (right after a commit, before the loop runs anything else)."""
-        if self._since_snapshot >= self._snapshot_every:
-            try:
+        if self._since_snapshot < self._snapshot_every:
+            return
+        try:
+            if self._snapshot_aside and _running_loop():
+                if self._snapshotting is None or self._snapshotting.done():  # else the next commit asks again
+                    # The ledger holds exactly the ops below next_seq now: the fork copies that state.
+                    seq, at = self._store.next_seq, self._clock()
+                    collect = snapshot.dumps_aside(self._ledger)
+                    self._since_snapshot = 0
+                    self._snapshotting = asyncio.create_task(self._write_aside(collect, seq, at))
+            else:
                 self.snapshot()
-            except Exception as exc:  # the ops are durable: a missing snapshot only makes the next restart slower
-                log.error("ledger snapshot failed (%s: %s)", type(exc).__name__, exc)
+        except Exception as exc:  # the ops are durable: a missing snapshot only makes the next restart slower
+            log.error("ledger snapshot failed (%s: %s)", type(exc).__name__, exc)
+
+    async def _write_aside(self, collect: Callable[[], bytes], seq: int, at: datetime) -> None:
+        """Writes the snapshot a forked child is pickling (of the ops below ``seq``): its bytes and then the
+        write, each in a worker thread, while the loop goes on."""
+        started = time.perf_counter()
+        try:
+            state = await asyncio.to_thread(collect)
+            cursor = self._store.cursor()
+            try:
+                await asyncio.to_thread(self._store.save_snapshot, seq, snapshot.CODE, state, at, cursor)
+            finally:
+                cursor.close()
+            log.info("ledger snapshot at op %d aside in %.3f s", seq, time.perf_counter() - started)
+        except Exception as exc:  # as above: the next restart replays more
+            log.error("ledger snapshot aside failed (%s: %s)", type(exc).__name__, exc)
+
+    async def snapshot_done(self) -> None:
+        """Waits for a snapshot being written aside (if any)."""
+        if self._snapshotting is not None:
+            await asyncio.shield(self._snapshotting)
 
     def snapshot(self) -> float:
         """Writes a snapshot of the ledger now (as of every committed op); the seconds it took. Safe whenever
@@ -423,6 +457,14 @@ def _fail(items: list[tuple[Op | None, Result, Usage, asyncio.Future[Result]]], 
             future.set_exception(LedgerUnavailable(why))
 
 
+def _running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class TenantLedgerActor:
     """Ray shell over :class:`LedgerService`: lifecycle and a hold-expiry tick; calls forward. A broken
     service exits the process (after its callers got their answers) so that Ray restarts the actor."""
@@ -430,7 +472,7 @@ class TenantLedgerActor:
     EXIT_DELAY_S = 0.5  # lets the replies of the failed calls leave the process first
 
     def __init__(self, db_path: str) -> None:
-        self.service = LedgerService(Path(db_path), on_broken=self._exit_for_restart)
+        self.service = LedgerService(Path(db_path), on_broken=self._exit_for_restart, snapshot_aside=True)
         self._ticker: asyncio.Task[None] | None = None
 
     def _exit_for_restart(self) -> None:

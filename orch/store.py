@@ -326,11 +326,20 @@ class Store:
         """The seq the next committed op gets: every op below it is in the file."""
         return self._next_seq
 
-    def save_snapshot(self, seq: int, code: str, state: bytes, at: datetime) -> None:
-        """Keeps ``state`` as the latest snapshot (of the ops below ``seq``), in one transaction."""
-        with self._transaction() as con:
+    def save_snapshot(
+        self, seq: int, code: str, state: bytes, at: datetime, con: duckdb.DuckDBPyConnection | None = None
+    ) -> None:
+        """Keeps ``state`` as the latest snapshot (of the ops below ``seq``), in one transaction; on ``con`` (a
+        :meth:`cursor`, from another thread) while this store's connection goes on committing."""
+        con = self._con if con is None else con
+        con.execute("BEGIN TRANSACTION")
+        try:
             con.execute("DELETE FROM snapshots")
             con.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)", [seq, _naive_utc(at), code, state])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
 
     def load_snapshot(self) -> tuple[int, str, bytes] | None:
         """The latest snapshot: (seq, code, state), or None."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -266,6 +267,50 @@ def test_a_restart_loads_the_snapshot_and_replays_only_the_ops_after_it(
     monkeypatch.setattr(snapshot, "CODE", "other-code")  # an upgrade: the snapshot is ignored
     service = LedgerService(path, clock=clock)
     assert replayed[-1] == 23 and (service._ledger.account(tenant), service._ledger.open_holds()) == state
+    service.close()
+
+
+def test_a_snapshot_aside_holds_the_state_of_its_fork_while_the_loop_commits_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """snapshot_aside (the ledger actor's): a forked child pickles the ledger; ops applied and committed
+    while it does are not in the snapshot, which says so by its seq, and a restart replays them."""
+    path, clock = tmp_path / "ledger.duckdb", FakeClock()
+    slow_dumps = snapshot.dumps
+
+    def dumps_slowly(ledger: Ledger) -> bytes:  # runs in the child: the parent commits meanwhile
+        time.sleep(0.3)
+        return slow_dumps(ledger)
+
+    monkeypatch.setattr(snapshot, "dumps", dumps_slowly)
+
+    async def scenario() -> tuple[int, Any, Any]:
+        service = LedgerService(path, clock=clock, snapshot_every=10, snapshot_aside=True)
+        tenant = (await service.create_tenant("Acme")).tenant_id
+        await service.apply(GrantCredits("g", tenant, 10**6))
+        for i in range(8):  # the 10th op forks a snapshot
+            await service.apply(Hold(f"h{i}", tenant, 100, 60))
+        assert service._snapshotting is not None and not service._snapshotting.done()
+        forked_at = service._store.next_seq
+        t0 = time.perf_counter()
+        for i in range(8, 14):  # committed while the child pickles
+            await service.apply(Hold(f"h{i}", tenant, 100, 60))
+        assert time.perf_counter() - t0 < 0.25  # the loop did not wait for the pickling
+        await service.snapshot_done()
+        found = service._store.load_snapshot()
+        assert found is not None and found[0] == forked_at
+        state = service._ledger.account(tenant), service._ledger.open_holds()
+        service.close()
+        return found[0], *state
+
+    seq, account, holds = asyncio.run(scenario())
+    monkeypatch.setattr(snapshot, "dumps", slow_dumps)
+    replayed = []
+    real_replay = Ledger.replay
+    monkeypatch.setattr(Ledger, "replay", lambda self, ops: replayed.append(n := real_replay(self, ops)) or n)
+    service = LedgerService(path, clock=clock)
+    assert replayed == [16 - seq] and replayed[0] >= 6  # the ops after the fork, from the log
+    assert (service._ledger.account(account.tenant_id), service._ledger.open_holds()) == (account, holds)
     service.close()
 
 
