@@ -471,8 +471,10 @@ class TenantLedgerActor:
 
     EXIT_DELAY_S = 0.5  # lets the replies of the failed calls leave the process first
 
-    def __init__(self, db_path: str) -> None:
-        self.service = LedgerService(Path(db_path), on_broken=self._exit_for_restart, snapshot_aside=True)
+    def __init__(self, db_path: str, snapshot_every: int | None = None) -> None:
+        self.service = LedgerService(
+            Path(db_path), on_broken=self._exit_for_restart, snapshot_every=snapshot_every, snapshot_aside=True
+        )
         self._ticker: asyncio.Task[None] | None = None
 
     def _exit_for_restart(self) -> None:
@@ -510,7 +512,9 @@ class TenantLedgerActor:
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has it; the data dir is the head's
 
 
-def ledger_actor(data_dir: Path, shard: int = 0, node_resource: str | None = None) -> Any:
+def ledger_actor(
+    data_dir: Path, shard: int = 0, node_resource: str | None = None, *, snapshot_every: int | None = None
+) -> Any:
     """The shard's actor handle, creating it (detached, named, restarting) if it does not exist. Pinned
     to the node that holds its DuckDB file, since a restart elsewhere would open an empty ledger: the head
     (where ``llama-orch up`` runs), or with ``node_resource`` (the taps' ``ledger_nodes``) the node that
@@ -534,7 +538,7 @@ def ledger_actor(data_dir: Path, shard: int = 0, node_resource: str | None = Non
         # its children into the group, where the head-node resource is not.
         scheduling_strategy="DEFAULT",
     )
-    return actor_cls.remote(str(data_dir / f"ledger-{shard}.duckdb"))
+    return actor_cls.remote(str(data_dir / f"ledger-{shard}.duckdb"), snapshot_every)
 
 
 class LedgerUnavailable(RuntimeError):

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         phases[BARE] = run_bare(BARE, model, model_dir, run)
     if "serve-llm" in only:
         phases[SERVE_LLM] = run_serve_llm(model, model_dir, run)
-    for name in ("no-hold", "holds", "separate", "tap", "hooks", "haproxy"):
+    for name in ("no-hold", "holds", "separate", "tap", "unawaited", "hooks", "haproxy"):
         label = PHASES[name]
         if name in only:
             phases[label] = run_gateway(label, TAP_ARGS[label], model, model_dir, args.config, run, TAP_ENV.get(label))

@@ -112,3 +112,46 @@ def test_the_admin_key_and_a_taps_keys_come_from_the_ledger(ledger) -> None:  # 
     key_id, _ = _call(actor, "create_key", tenant, "private-acme")
     assert _call(actor, "revoke_tap_keys", "private-acme") == 1
     assert _call(actor, "get_key", key_id).revoked_at is not None
+
+
+def test_a_snapshot_forked_inside_the_actor_restores_its_accounts(ray_driver: None, tmp_path: Path) -> None:
+    """The ledger actor snapshots aside (a forked child pickles it) inside a Ray worker, under concurrent
+    commits; the file's snapshot and the ops after it give back every account."""
+    from actors.ledger import LedgerService
+    from orch.store import Store
+
+    shard = random.randrange(1000, 10**6)
+    actor = ledger_actor(tmp_path, shard, snapshot_every=50)
+    try:
+        tenant = _call(actor, "create_tenant", "acme").tenant_id
+        assert _call(actor, "apply", GrantCredits("g1", tenant, 10**6)).code is Code.OK
+
+        async def one(i: int) -> None:
+            assert (await actor.call.remote("apply", Hold(f"h{i}", tenant, 1_000, 60))).ok
+            assert (await actor.call.remote("apply", Settle(f"s{i}", f"h{i}", 300 + i))).ok
+
+        async def run() -> None:
+            await asyncio.gather(*(one(i) for i in range(150)))  # 302 ops: several snapshots, forked mid-load
+            await actor.call.remote("snapshot_done")
+
+        asyncio.run(run())
+        account = _call(actor, "account", tenant)
+    finally:
+        ray.kill(actor, no_restart=True)
+    path = tmp_path / f"ledger-{shard}.duckdb"
+    deadline = time.monotonic() + 30
+    while True:  # the killed process lets the file go
+        try:
+            store = Store(path)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    found = store.load_snapshot()
+    store.close()
+    assert found is not None and 50 <= found[0] <= 302, found and found[0]
+    service = LedgerService(path)
+    assert service._ledger.account(tenant).balance == account["balance_micro_credits"]
+    assert service._ledger.account(tenant).spent == account["spent_micro_credits"] == sum(300 + i for i in range(150))
+    service.close()
