@@ -106,7 +106,9 @@ class OpenAIFront:
         self._keys = KeyCache(self._ledger.get_key, admin_key, pepper=pepper)
         self._leases = None
         if tap.billing == "credits" and tap.credit_leases:
-            self._leases = Leases(self._ledger, self._tap, LeaseSettings(ttl_s=tap.lease_ttl_s, durable_end=tap.durable_usage))
+            self._leases = Leases(
+                self._ledger, self._tap, LeaseSettings(ttl_s=tap.lease_ttl_s, durable_end=tap.durable_usage)
+            )
         self._hooks = load_hooks(tap.hooks)  # None when the tap names none: the request path checks only that
         observe = self._post_call if self._hooks is not None and self._hooks.has_post else None
         self._settler = Settler(self._ledger, self._tap, leases=self._leases, observe=observe)
