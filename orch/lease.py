@@ -214,7 +214,7 @@ class Leases:
             durable.get_loop().call_later(self.settings.durable_wait_s, _done, [durable])  # a slow ledger
         else:
             durable.set_result(None)
-        # Durable: the batch goes now, or as soon as the renewal out returns (a group commit per replica).
+        # Durable: the batch goes now, or as soon as the renewal out returns (a group commit per lease).
         if (self.settings.durable_end or len(lease.rows) >= self.settings.flush_rows) and lease.renewing is None:
             self._renew(lease)
         return durable
