@@ -8,6 +8,7 @@ A thin shell: the engine does the work. Serve hosts it as the model deployment
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class ModelActor:
         self.engine_config = engine_config
         self.engine: Engine = engine or self._engine(resolve_model_source(config.source, data_dir), engine_config)
         self._guarded = engine is None  # vLLM's processes: ended by a guard if this process dies hard
-        self._guard: Any = None
+        self._guard: subprocess.Popen[bytes] | None = None
 
     def _engine(self, path: str, engine_config: EngineConfig) -> Engine:
         if self.config.task == "embed":

@@ -298,9 +298,10 @@ class Store:
         self._next_seq += len(batch.ops)
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The store's connection inside one transaction: committed at the end, rolled back if it raises."""
-        con = self._con
+    def _transaction(self, con: duckdb.DuckDBPyConnection | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The store's connection (or ``con``, a :meth:`cursor`) inside one transaction: committed at the end,
+        rolled back if it raises."""
+        con = self._con if con is None else con
         con.execute("BEGIN TRANSACTION")
         try:
             yield con
@@ -331,15 +332,9 @@ class Store:
     ) -> None:
         """Keeps ``state`` as the latest snapshot (of the ops below ``seq``), in one transaction; on ``con`` (a
         :meth:`cursor`, from another thread) while this store's connection goes on committing."""
-        con = self._con if con is None else con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with self._transaction(con) as con:
             con.execute("DELETE FROM snapshots")
             con.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)", [seq, _naive_utc(at), code, state])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
 
     def load_snapshot(self) -> tuple[int, str, bytes] | None:
         """The latest snapshot: (seq, code, state), or None."""
